@@ -1,0 +1,1 @@
+"""Alert rules, their state and delivery arrive with the alerts issue (see DESIGN.md §1)."""

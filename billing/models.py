@@ -1,0 +1,609 @@
+"""Billing domain models: customers, wallets, grants, the ledger, features and
+their credit costs, usage events, reservations, credit packs, API keys.
+
+Models hold fields, constraints and single-row rules. Every write of credit
+state goes through ``billing.services``; nothing here moves credits.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils.timezone import now
+
+from billing.numbers import ZERO
+
+
+def CreditField(**kwargs) -> models.DecimalField:  # noqa: N802 - reads like a field class
+    return models.DecimalField(max_digits=20, decimal_places=6, **kwargs)
+
+
+def RateField(**kwargs) -> models.DecimalField:  # noqa: N802
+    return models.DecimalField(max_digits=20, decimal_places=10, **kwargs)
+
+
+def MoneyField(**kwargs) -> models.DecimalField:  # noqa: N802
+    return models.DecimalField(max_digits=20, decimal_places=4, **kwargs)
+
+
+def validate_timezone(value: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(f"Unknown time zone: {value!r}") from None
+
+
+def validate_currency(value: str) -> None:
+    if len(value) != 3 or not value.isalpha() or not value.isupper():
+        raise ValidationError("Use a three-letter ISO 4217 code, e.g. USD.")
+
+
+class Customer(models.Model):
+    external_id = models.CharField(max_length=255, unique=True, help_text="The product's own id for this customer.")
+    name = models.CharField(max_length=255)
+    email = models.EmailField(blank=True)
+    currency = models.CharField(max_length=3, default="USD", validators=[validate_currency])
+    timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=now, db_index=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.external_id})"
+
+
+class Wallet(models.Model):
+    class Policy(models.TextChoices):
+        BLOCK = "block", "Block (hard limit)"
+        OVERDRAFT = "overdraft", "Overdraft up to credit limit"
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        PAUSED = "paused", "Paused"
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="wallets")
+    name = models.CharField(max_length=120, default="Default")
+    is_default = models.BooleanField(default=True)
+    policy = models.CharField(max_length=16, choices=Policy.choices, default=Policy.BLOCK)
+    credit_limit = CreditField(default=ZERO, help_text="Overdraft wallets may go this far below zero.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    # Maintained by the ledger services under the wallet's row lock.
+    ledger_balance = CreditField(default=ZERO, editable=False)
+    overage = CreditField(default=ZERO, editable=False, help_text="Outstanding overage, billed later.")
+    last_sequence = models.BigIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["customer__name", "name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["customer"], condition=Q(is_default=True), name="wallet_one_default_per_customer"
+            ),
+            models.CheckConstraint(condition=Q(credit_limit__gte=0), name="wallet_credit_limit_not_negative"),
+            models.CheckConstraint(condition=Q(overage__gte=0), name="wallet_overage_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.customer.name} · {self.name}"
+
+
+class GrantQuerySet(models.QuerySet):
+    def usable(self, *, at=None, feature_id: int | None = None) -> GrantQuerySet:
+        """Grants a charge may consume at ``at`` (DESIGN.md §3: active, effective, unexpired, in scope)."""
+        at = at or now()
+        qs = self.filter(status=CreditGrant.Status.ACTIVE, effective_at__lte=at, remaining__gt=0).filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=at)
+        )
+        if feature_id is not None:
+            qs = qs.filter(Q(feature_id__isnull=True) | Q(feature_id=feature_id))
+        else:
+            qs = qs.filter(feature_id__isnull=True)
+        return qs
+
+    def in_consumption_order(self) -> GrantQuerySet:
+        return self.order_by(
+            "priority",
+            models.F("expires_at").asc(nulls_last=True),
+            "per_unit_cost_basis",
+            "effective_at",
+            "created_at",
+            "pk",
+        )
+
+
+class CreditGrant(models.Model):
+    class Kind(models.TextChoices):
+        PREPAID = "prepaid", "Prepaid"
+        PROMOTIONAL = "promotional", "Promotional"
+        INCLUDED = "included", "Included in plan"
+        CONTRACT = "contract", "Contract"
+        ROLLOVER = "rollover", "Rollover"
+        REFUND = "refund", "Refund"
+        ADJUSTMENT = "adjustment", "Manual adjustment"
+
+    class Source(models.TextChoices):
+        MANUAL = "manual", "Manual"
+        PACK_PURCHASE = "pack_purchase", "Pack purchase"
+        AUTO_TOP_UP = "auto_top_up", "Auto top-up"
+        PLAN_PERIOD = "plan_period", "Plan period"
+        CONTRACT = "contract", "Contract"
+        OPPORTUNITY = "opportunity", "Opportunity"
+        REFERRAL = "referral", "Referral"
+        PROMOTION = "promotion", "Promotion campaign"
+        API = "api", "API"
+
+    class Status(models.TextChoices):
+        PENDING_APPROVAL = "pending_approval", "Pending approval"
+        PENDING_PAYMENT = "pending_payment", "Pending payment"
+        ACTIVE = "active", "Active"
+        EXPIRED = "expired", "Expired"
+        VOIDED = "voided", "Voided"
+        DEPLETED = "depleted", "Depleted"
+        REJECTED = "rejected", "Rejected"
+
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="grants")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.MANUAL)
+    original_amount = CreditField()
+    remaining = CreditField()
+    per_unit_cost_basis = RateField(default=ZERO, help_text="Money actually paid per credit (0 for promotional).")
+    price_paid = MoneyField(default=ZERO)
+    currency = models.CharField(max_length=3, default="USD", validators=[validate_currency])
+    effective_at = models.DateTimeField(default=now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    priority = models.PositiveSmallIntegerField(default=50, validators=[MinValueValidator(0), MaxValueValidator(100)])
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE, db_index=True)
+    feature = models.ForeignKey(
+        "Feature", null=True, blank=True, on_delete=models.PROTECT, help_text="Only usage of this feature may use it."
+    )
+    reason = models.CharField(max_length=500, blank=True)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=now)
+
+    objects = GrantQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(original_amount__gt=0), name="grant_original_positive"),
+            models.CheckConstraint(
+                condition=Q(remaining__gte=0) & Q(remaining__lte=models.F("original_amount")),
+                name="grant_remaining_within_original",
+            ),
+            models.CheckConstraint(condition=Q(per_unit_cost_basis__gte=0), name="grant_cost_basis_not_negative"),
+            models.CheckConstraint(condition=Q(priority__gte=0, priority__lte=100), name="grant_priority_0_100"),
+            models.CheckConstraint(
+                condition=Q(expires_at__isnull=True) | Q(expires_at__gt=models.F("effective_at")),
+                name="grant_expires_after_effective",
+            ),
+            models.UniqueConstraint(
+                fields=["wallet", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="grant_idempotency_key_unique",
+            ),
+        ]
+        permissions = [("approve_creditgrant", "Can approve or reject pending grants and adjustments")]
+        indexes = [
+            models.Index(fields=["wallet", "status", "priority"], name="grant_wallet_usable_idx"),
+            models.Index(fields=["status", "expires_at"], name="grant_expiry_due_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Grant #{self.pk} {self.get_kind_display()} {self.remaining}/{self.original_amount}"
+
+    def is_usable(self, at=None, feature_id: int | None = None) -> bool:
+        at = at or now()
+        return (
+            self.status == self.Status.ACTIVE
+            and self.effective_at <= at
+            and (self.expires_at is None or self.expires_at > at)
+            and (self.feature_id is None or self.feature_id == feature_id)
+        )
+
+
+class LedgerEntry(models.Model):
+    """One movement of credits on one grant (or overage on none). Append-only:
+    a database trigger refuses UPDATE and DELETE (migration 0002)."""
+
+    class Type(models.TextChoices):
+        GRANT = "grant", "Grant"
+        USAGE = "usage", "Usage"
+        EXPIRY = "expiry", "Expiry"
+        VOID = "void", "Void"
+        REFUND = "refund", "Refund"
+        REVERSAL = "reversal", "Reversal"
+        ADJUSTMENT = "adjustment", "Adjustment"
+        EXPIRY_CHANGE = "expiry_change", "Expiry changed"
+        ROLLOVER_OUT = "rollover_out", "Rollover out"
+        ROLLOVER_IN = "rollover_in", "Rollover in"
+        OVERAGE = "overage", "Overage"
+        OVERAGE_SETTLED = "overage_settled", "Overage settled"
+
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="entries")
+    grant = models.ForeignKey(CreditGrant, null=True, blank=True, on_delete=models.PROTECT, related_name="entries")
+    type = models.CharField(max_length=20, choices=Type.choices)
+    amount = CreditField()
+    sequence = models.BigIntegerField()
+    balance_after = CreditField()
+    usage_event = models.ForeignKey(
+        "UsageEvent", null=True, blank=True, on_delete=models.PROTECT, related_name="entries"
+    )
+    reservation = models.ForeignKey(
+        "Reservation", null=True, blank=True, on_delete=models.PROTECT, related_name="entries"
+    )
+    reference = models.CharField(max_length=255, blank=True, help_text="What caused it: invoice, user, job …")
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    memo = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-wallet_id", "-sequence"]
+        verbose_name_plural = "ledger entries"
+        constraints = [
+            models.UniqueConstraint(fields=["wallet", "sequence"], name="ledger_wallet_sequence_unique"),
+        ]
+        indexes = [
+            models.Index(fields=["grant", "type"], name="ledger_grant_type_idx"),
+            models.Index(fields=["created_at"], name="ledger_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.sequence} {self.type} {self.amount}"
+
+
+class Feature(models.Model):
+    key = models.SlugField(max_length=100, unique=True)
+    name = models.CharField(max_length=255)
+    unit = models.CharField(max_length=50, default="unit", help_text="What one unit of quantity is: request, token …")
+    allow_zero_quantity = models.BooleanField(default=False)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["key"]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class FeatureCostQuerySet(models.QuerySet):
+    def effective(self, *, feature_id: int, at, customer_id: int | None = None) -> FeatureCost | None:
+        """The rate version that prices usage of a feature at ``at``: a customer
+        override effective then wins over the rate card."""
+        candidates = self.filter(feature_id=feature_id, effective_from__lte=at)
+        if customer_id is not None:
+            override = (
+                candidates.filter(customer_id=customer_id).order_by("-effective_from", "-pk").first()
+            )
+            if override is not None:
+                return override
+        return candidates.filter(customer__isnull=True).order_by("-effective_from", "-pk").first()
+
+
+class FeatureCost(models.Model):
+    """One version of a feature's credit cost, effective from a moment on.
+    Versions are never edited once they have priced usage: add a new one."""
+
+    feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="costs")
+    customer = models.ForeignKey(
+        Customer, null=True, blank=True, on_delete=models.PROTECT, related_name="feature_overrides",
+        help_text="Set for a customer-specific override; empty for the rate card.",
+    )
+    credits_per_unit = RateField()
+    effective_from = models.DateTimeField(default=now)
+    note = models.CharField(max_length=255, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=now)
+
+    objects = FeatureCostQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["feature__key", "-effective_from"]
+        verbose_name = "credit cost (rate version)"
+        constraints = [
+            models.CheckConstraint(condition=Q(credits_per_unit__gte=0), name="feature_cost_not_negative"),
+            models.UniqueConstraint(
+                fields=["feature", "effective_from"], condition=Q(customer__isnull=True),
+                name="feature_cost_card_version_unique",
+            ),
+            models.UniqueConstraint(
+                fields=["feature", "customer", "effective_from"], condition=Q(customer__isnull=False),
+                name="feature_cost_override_version_unique",
+            ),
+        ]
+        indexes = [models.Index(fields=["feature", "customer", "-effective_from"], name="feature_cost_lookup_idx")]
+
+    def __str__(self) -> str:
+        who = f" for {self.customer.external_id}" if self.customer_id else ""
+        return f"{self.feature.key}: {self.credits_per_unit}/unit from {self.effective_from:%Y-%m-%d %H:%M}{who}"
+
+
+class UsageEvent(models.Model):
+    class Status(models.TextChoices):
+        CHARGED = "charged", "Charged"
+        REJECTED = "rejected", "Rejected (insufficient credits)"
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="usage_events")
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="usage_events")
+    feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage_events")
+    event_id = models.CharField(max_length=255)
+    quantity = models.DecimalField(max_digits=20, decimal_places=6)
+    occurred_at = models.DateTimeField()
+    properties = models.JSONField(default=dict, blank=True)
+    rate = models.ForeignKey(FeatureCost, on_delete=models.PROTECT, related_name="+")
+    credits_per_unit = RateField()
+    credits = CreditField()
+    status = models.CharField(max_length=16, choices=Status.choices)
+    request_hash = models.CharField(max_length=64)
+    response = models.JSONField(default=dict, help_text="The answer given, replayed for the same event id.")
+    reservation = models.ForeignKey(
+        "Reservation", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["customer", "event_id"], name="usage_event_id_unique_per_customer"),
+        ]
+        indexes = [
+            models.Index(fields=["wallet", "-created_at"], name="usage_wallet_created_idx"),
+            models.Index(fields=["feature", "occurred_at"], name="usage_feature_time_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} ({self.feature_id})"
+
+
+class Reservation(models.Model):
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        CAPTURED = "captured", "Captured"
+        RELEASED = "released", "Released"
+        EXPIRED = "expired", "Expired"
+
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="reservations")
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="reservations")
+    feature = models.ForeignKey(Feature, null=True, blank=True, on_delete=models.PROTECT)
+    quantity = models.DecimalField(max_digits=20, decimal_places=6, null=True, blank=True)
+    amount = CreditField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    expires_at = models.DateTimeField()
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    usage_event = models.ForeignKey(UsageEvent, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    closed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.CheckConstraint(condition=Q(amount__gt=0), name="reservation_amount_positive")]
+        indexes = [models.Index(fields=["wallet", "status", "expires_at"], name="reservation_open_idx")]
+
+    def __str__(self) -> str:
+        return f"Hold #{self.pk} {self.amount} ({self.status})"
+
+    def is_open(self, at=None) -> bool:
+        return self.status == self.Status.OPEN and self.expires_at > (at or now())
+
+
+class CreditPack(models.Model):
+    class Kind(models.TextChoices):
+        PREPAID = "prepaid", "Prepaid"
+        PROMOTIONAL = "promotional", "Promotional"
+
+    code = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=255)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.PREPAID)
+    credits = CreditField()
+    price = MoneyField(default=ZERO, help_text="List price of one pack; 0 for promotional packs.")
+    currency = models.CharField(max_length=3, default="USD", validators=[validate_currency])
+    validity_days = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: never expires.")
+    priority = models.PositiveSmallIntegerField(default=50, validators=[MaxValueValidator(100)])
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["kind", "credits"]
+        constraints = [
+            models.CheckConstraint(condition=Q(credits__gt=0), name="pack_credits_positive"),
+            models.CheckConstraint(condition=Q(price__gte=0), name="pack_price_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.credits} credits)"
+
+    def clean(self) -> None:
+        if self.kind == self.Kind.PROMOTIONAL and self.price and self.price > 0:
+            raise ValidationError({"price": "Promotional packs are free: set the price to 0."})
+        if self.kind == self.Kind.PREPAID and (self.price is None or self.price <= 0):
+            raise ValidationError({"price": "A prepaid pack needs a price."})
+
+    def discount_for(self, quantity: int) -> Decimal:
+        """The volume discount (percent) that applies when buying ``quantity`` packs."""
+        tier = self.tiers.filter(min_quantity__lte=quantity).order_by("-min_quantity").first()
+        return tier.discount_percent if tier else ZERO
+
+
+class PackDiscountTier(models.Model):
+    pack = models.ForeignKey(CreditPack, on_delete=models.CASCADE, related_name="tiers")
+    min_quantity = models.PositiveIntegerField(validators=[MinValueValidator(2)])
+    discount_percent = models.DecimalField(
+        max_digits=5, decimal_places=2, validators=[MinValueValidator(0), MaxValueValidator(100)]
+    )
+
+    class Meta:
+        ordering = ["pack", "min_quantity"]
+        constraints = [
+            models.UniqueConstraint(fields=["pack", "min_quantity"], name="pack_tier_unique"),
+            models.CheckConstraint(
+                condition=Q(discount_percent__gte=0, discount_percent__lt=100), name="pack_tier_discount_range"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.min_quantity}+ packs: {self.discount_percent}% off"
+
+
+class PackPurchase(models.Model):
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="pack_purchases")
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="pack_purchases")
+    pack = models.ForeignKey(CreditPack, on_delete=models.PROTECT, related_name="purchases")
+    quantity = models.PositiveIntegerField(default=1)
+    credits = CreditField()
+    list_price = MoneyField()
+    discount_percent = models.DecimalField(max_digits=5, decimal_places=2, default=ZERO)
+    total_price = MoneyField()
+    currency = models.CharField(max_length=3)
+    grant = models.OneToOneField(CreditGrant, on_delete=models.PROTECT, related_name="purchase")
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True, unique=True)
+    purchased_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.quantity} × {self.pack.code} for {self.customer.external_id}"
+
+
+class Adjustment(models.Model):
+    """A manual correction of a wallet's credits. Always waits for a second person."""
+
+    class Status(models.TextChoices):
+        PENDING_APPROVAL = "pending_approval", "Pending approval"
+        APPLIED = "applied", "Applied"
+        REJECTED = "rejected", "Rejected"
+
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="adjustments")
+    amount = CreditField(help_text="Positive adds credits, negative removes them in consumption order.")
+    reason = models.CharField(max_length=500)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING_APPROVAL)
+    grant = models.ForeignKey(CreditGrant, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.CheckConstraint(condition=~Q(amount=0), name="adjustment_not_zero")]
+
+    def __str__(self) -> str:
+        return f"Adjustment {self.amount:+} on {self.wallet}"
+
+
+class IdempotencyRecord(models.Model):
+    """The first answer given for an Idempotency-Key on one operation."""
+
+    scope = models.CharField(max_length=100, help_text="Operation, e.g. grants.create:<customer>.")
+    key = models.CharField(max_length=255)
+    request_hash = models.CharField(max_length=64)
+    status_code = models.PositiveSmallIntegerField()
+    response = models.JSONField()
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope", "key"], name="idempotency_scope_key_unique")]
+
+
+class ApiKey(models.Model):
+    class Scope(models.TextChoices):
+        USAGE_WRITE = "usage:write", "Charge usage and hold credits"
+        BALANCE_READ = "balance:read", "Read customers, balances and ledgers"
+        ADMIN = "admin", "Manage customers, features, costs and grants"
+
+    name = models.CharField(max_length=120)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    hashed_key = models.CharField(max_length=64, editable=False)
+    scopes = models.JSONField(default=list)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class AuditEvent(models.Model):
+    """Who changed what, when: written by services and admin saves."""
+
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    actor_label = models.CharField(max_length=150, blank=True, help_text="API key or job when no staff user.")
+    action = models.CharField(max_length=64)
+    object_type = models.CharField(max_length=64)
+    object_id = models.CharField(max_length=64)
+    object_repr = models.CharField(max_length=255, blank=True)
+    changes = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["object_type", "object_id"], name="audit_object_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.object_type}#{self.object_id}"
+
+
+class OutboxEvent(models.Model):
+    """Domain events recorded in the transaction that caused them (see billing.events)."""
+
+    topic = models.CharField(max_length=64, db_index=True)
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=now)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["dispatched_at", "created_at"], name="outbox_pending_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.topic} #{self.pk}"
+
+
+class JobRun(models.Model):
+    """Progress of a long or clock-driven job, shown in the admin."""
+
+    name = models.CharField(max_length=100)
+    started_at = models.DateTimeField(default=now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    total = models.PositiveIntegerField(default=0)
+    done = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=16, default="running")
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.started_at:%Y-%m-%d %H:%M} ({self.status})"

@@ -1,0 +1,85 @@
+"""Staff roles as Django groups, created by code after every migrate.
+
+Finance runs credits; sales reps and managers read accounts (CRM rights come
+with the crm app); support reads and fixes contact details; auditors read
+everything and change nothing. Nobody may change or delete ledger entries or
+usage events: those permissions are granted to no group.
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth.models import Group, Permission
+
+FINANCE = "Finance"
+SALES_REP = "Sales rep"
+SALES_MANAGER = "Sales manager"
+SUPPORT = "Support"
+AUDITOR = "Auditor"
+ROLES = (FINANCE, SALES_REP, SALES_MANAGER, SUPPORT, AUDITOR)
+
+BILLING_MODELS = (
+    "customer", "wallet", "creditgrant", "ledgerentry", "feature", "featurecost", "usageevent", "reservation",
+    "creditpack", "packdiscounttier", "packpurchase", "adjustment", "apikey", "auditevent", "outboxevent", "jobrun",
+    "idempotencyrecord",
+)
+APPEND_ONLY = {"ledgerentry", "usageevent", "auditevent", "outboxevent", "idempotencyrecord", "jobrun"}
+# Extra apps whose models every role may read (e.g. the beat schedule for finance).
+READ_ONLY_APPS = {"django_celery_beat"}
+
+
+def _perms(app: str, models: tuple[str, ...], actions: tuple[str, ...]) -> list[str]:
+    return [f"{app}.{action}_{model}" for model in models for action in actions]
+
+
+def role_permissions() -> dict[str, list[str]]:
+    view_all = _perms("billing", BILLING_MODELS, ("view",))
+    finance_writable = tuple(m for m in BILLING_MODELS if m not in APPEND_ONLY)
+    finance = (
+        view_all
+        + _perms("billing", finance_writable, ("add", "change"))
+        + ["billing.approve_creditgrant"]
+        + _perms("django_celery_beat", ("periodictask", "crontabschedule", "intervalschedule"), ("view", "change"))
+    )
+    sales_view = _perms("billing", (
+        "customer", "wallet", "creditgrant", "ledgerentry", "feature", "featurecost", "usageevent", "reservation",
+        "creditpack", "packdiscounttier", "packpurchase",
+    ), ("view",))
+    support = sales_view + ["billing.change_customer", "billing.view_adjustment"]
+    auditor = view_all + _perms("django_celery_beat", ("periodictask",), ("view",))
+    return {
+        FINANCE: finance,
+        SALES_REP: sales_view,
+        SALES_MANAGER: sales_view,
+        SUPPORT: support,
+        AUDITOR: auditor,
+    }
+
+
+def extend_role(role: str, codenames: list[str]) -> None:
+    """Other apps (crm, alerts) add their own permissions to a role."""
+    _extra.setdefault(role, []).extend(codenames)
+
+
+_extra: dict[str, list[str]] = {}
+
+
+def ensure_roles() -> dict[str, Group]:
+    """Create or update the role groups so each has exactly its permissions. Idempotent."""
+    groups = {}
+    wanted = role_permissions()
+    for role in ROLES:
+        codes = set(wanted[role]) | set(_extra.get(role, []))
+        perms = []
+        for code in sorted(codes):
+            app_label, codename = code.split(".", 1)
+            perm = Permission.objects.filter(content_type__app_label=app_label, codename=codename).first()
+            if perm is not None:
+                perms.append(perm)
+        group, _ = Group.objects.get_or_create(name=role)
+        group.permissions.set(perms)
+        groups[role] = group
+    return groups
+
+
+def ensure_roles_after_migrate(sender, **kwargs) -> None:
+    ensure_roles()

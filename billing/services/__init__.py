@@ -1,0 +1,1 @@
+"""Services: the only writers of credit and money state (see STYLE.md)."""

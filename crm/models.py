@@ -1,0 +1,1 @@
+"""CRM models (accounts' owners, opportunities, approvals) arrive with the CRM issue."""
