@@ -7,8 +7,14 @@ logged and does not undo the commit; the outbox row stays undispatched so the
 ``outbox_dispatch_pending`` job delivers it again. ``billing`` imports neither
 ``crm`` nor ``alerts``: they call ``subscribe`` from their ``AppConfig.ready``.
 
-Topics published today: ``grant.activated``, ``grant.expired``, ``grant.voided``.
-Usage charges publish nothing, so the hot path pays nothing for the hook.
+Topics published today: ``grant.activated``, ``grant.expired``, ``grant.voided``,
+``wallet.resumed``. Usage charges publish nothing on their own.
+
+Balance crossings are the one synchronous hook: a subscriber registered with
+``on_balance_crossed`` runs *inside* the transaction that moved the balance,
+with the wallet row locked, whenever available balance crosses the wallet's
+``alert_below`` or ``alert_at_or_above`` mark. It may write its own state and
+``publish`` follow-up events; it must not move credits.
 """
 
 from __future__ import annotations
@@ -24,6 +30,21 @@ logger = logging.getLogger(__name__)
 
 Subscriber = Callable[[str, dict], None]
 _subscribers: dict[str, list[Subscriber]] = defaultdict(list)
+
+
+CrossingHandler = Callable[..., None]
+_crossing_handlers: list[CrossingHandler] = []
+
+
+def on_balance_crossed(handler: CrossingHandler) -> None:
+    """Register ``handler(wallet=..., before=..., after=..., cause=...)`` (see module docstring)."""
+    if handler not in _crossing_handlers:
+        _crossing_handlers.append(handler)
+
+
+def balance_crossed(*, wallet, before, after, cause: str) -> None:
+    for handler in list(_crossing_handlers):
+        handler(wallet=wallet, before=before, after=after, cause=cause)
 
 
 def subscribe(topic: str, handler: Subscriber) -> None:

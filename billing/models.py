@@ -79,6 +79,12 @@ class Wallet(models.Model):
     ledger_balance = CreditField(default=ZERO, editable=False)
     overage = CreditField(default=ZERO, editable=False, help_text="Outstanding overage, billed later.")
     last_sequence = models.BigIntegerField(default=0, editable=False)
+    # Set by the alerts app: billing calls events.balance_crossed() in the moving
+    # transaction only when available balance crosses one of these marks, so a
+    # charge that crosses nothing pays nothing for alerting.
+    alert_below = CreditField(null=True, blank=True, editable=False)
+    alert_at_or_above = CreditField(null=True, blank=True, editable=False)
+    paused_reason = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(default=now)
 
     class Meta:
@@ -93,6 +99,10 @@ class Wallet(models.Model):
 
     def __str__(self) -> str:
         return f"{self.customer.name} · {self.name}"
+
+    def crosses_alert_mark(self, before: Decimal, after: Decimal) -> bool:
+        low, high = self.alert_below, self.alert_at_or_above
+        return (low is not None and before >= low > after) or (high is not None and before < high <= after)
 
 
 class GrantQuerySet(models.QuerySet):
@@ -525,6 +535,9 @@ class IdempotencyRecord(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["scope", "key"], name="idempotency_scope_key_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.key}"
 
 
 class ApiKey(models.Model):

@@ -18,7 +18,14 @@ from billing.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from billing.models import Adjustment, CreditGrant, Customer, LedgerEntry, Wallet
 from billing.numbers import ZERO, round_credits, round_rate
 from billing.services.audit import audit_record
-from billing.services.ledger import Movement, allocate, append_entries, debit_grants, settle_overage
+from billing.services.ledger import (
+    Movement,
+    allocate,
+    append_entries,
+    debit_grants,
+    settle_overage,
+    watch_balance,
+)
 from billing.services.locks import lock_grants, lock_wallet
 
 APPROVE_PERMISSION = "billing.approve_creditgrant"
@@ -67,6 +74,12 @@ def _activate(*, grant: CreditGrant, wallet: Wallet, reference: str) -> None:
     ]
     settled, overage_delta = settle_overage(wallet=wallet, grant=grant, reference=reference)
     append_entries(wallet=wallet, movements=movements + settled, overage_delta=overage_delta)
+    if wallet.status == Wallet.Status.PAUSED:
+        Wallet.objects.filter(pk=wallet.pk).update(status=Wallet.Status.ACTIVE, paused_reason="")
+        wallet.status, wallet.paused_reason = Wallet.Status.ACTIVE, ""
+        events.publish("wallet.resumed", {"wallet": wallet.pk, "customer": wallet.customer_id, "grant": grant.pk})
+    if grant.is_usable():
+        watch_balance(wallet, delta=grant.original_amount, cause="grant")
     events.publish(
         "grant.activated",
         {"grant": grant.pk, "wallet": wallet.pk, "customer": wallet.customer_id, "kind": grant.kind,
@@ -201,11 +214,14 @@ def grant_void(*, grant_id: int, actor=None, actor_label: str = "", reason: str 
         if remaining > 0:
             grant.remaining = ZERO
             CreditGrant.objects.filter(pk=grant.pk).update(remaining=ZERO)
+            was_usable = grant.is_usable()
             append_entries(
                 wallet=wallet,
                 movements=[Movement(type=LedgerEntry.Type.VOID, amount=-remaining, grant=grant,
                                     reference=f"grant:{grant.pk}", memo=reason[:500])],
             )
+            if was_usable:
+                watch_balance(wallet, delta=-remaining, cause="void")
         grant.status = CreditGrant.Status.VOIDED
         grant.save(update_fields=["status"])
         audit_record(actor=actor, actor_label=actor_label, action="grant.void", obj=grant,
@@ -263,6 +279,8 @@ def grant_expire(*, grant_id: int, now: datetime | None = None) -> bool:
                 type=LedgerEntry.Type.EXPIRY, amount=-remaining, grant=grant, reference=f"grant:{grant.pk}",
                 memo=f"Expired {grant.expires_at:%Y-%m-%d %H:%M} UTC")])
         CreditGrant.objects.filter(pk=grant.pk).update(remaining=ZERO, status=CreditGrant.Status.EXPIRED)
+        if remaining > 0:
+            watch_balance(wallet, delta=-remaining, cause="expiry")
         events.publish("grant.expired", {"grant": grant.pk, "wallet": wallet.pk, "customer": wallet.customer_id,
                                          "credits": str(remaining), "kind": grant.kind})
     return True
@@ -333,6 +351,7 @@ def adjustment_approve(*, adjustment_id: int, user) -> Adjustment:
             movements = debit_grants(allocations=allocations, entry_type=LedgerEntry.Type.ADJUSTMENT,
                                      reference=f"adjustment:{adjustment.pk}", memo=adjustment.reason[:500])
             append_entries(wallet=wallet, movements=movements)
+            watch_balance(wallet, delta=adjustment.amount, cause="adjustment")
         adjustment.status = Adjustment.Status.APPLIED
         adjustment.approved_by = user
         adjustment.decided_at = now

@@ -9,6 +9,7 @@ from decimal import Decimal
 from django.db.models import F, Sum
 from django.utils import timezone
 
+from billing import events
 from billing.models import CreditGrant, LedgerEntry, Reservation, Wallet
 from billing.numbers import ZERO
 
@@ -68,6 +69,24 @@ def open_holds_total(wallet: Wallet, *, at, exclude_reservation_id: int | None =
     if exclude_reservation_id is not None:
         holds = holds.exclude(pk=exclude_reservation_id)
     return holds.aggregate(total=Sum("amount"))["total"] or ZERO
+
+
+def available_now(wallet: Wallet, *, at=None) -> Decimal:
+    """Available balance of a (locked) wallet for unscoped usage: usable remaining − holds + headroom."""
+    at = at or timezone.now()
+    usable = CreditGrant.objects.filter(wallet=wallet).usable(at=at).aggregate(t=Sum("remaining"))["t"] or ZERO
+    return usable - open_holds_total(wallet, at=at) + headroom(wallet)
+
+
+def watch_balance(wallet: Wallet, *, delta: Decimal, cause: str, at=None) -> None:
+    """After a movement of ``delta`` available credits on a locked wallet, call the
+    balance-crossing hook if a mark was crossed. Costs a query only when marks are set."""
+    if wallet.alert_below is None and wallet.alert_at_or_above is None:
+        return
+    after = available_now(wallet, at=at)
+    before = after - delta
+    if wallet.crosses_alert_mark(before, after):
+        events.balance_crossed(wallet=wallet, before=before, after=after, cause=cause)
 
 
 def headroom(wallet: Wallet) -> Decimal:

@@ -31,6 +31,7 @@ from django.db import connection, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
+from billing import events
 from billing.errors import InvalidRequest
 from billing.models import (
     CreditGrant,
@@ -260,6 +261,8 @@ def _charge(requests, hashes, todo, results, now) -> None:
     movements_by_wallet: dict[int, list[tuple[int, Movement]]] = defaultdict(list)
     overage_by_wallet: dict[int, Decimal] = defaultdict(lambda: ZERO)
     touched: dict[int, CreditGrant] = {}
+    first_available: dict[int, Decimal] = {}
+    last_available: dict[int, Decimal] = {}
 
     for i in todo:
         request = requests[i]
@@ -282,6 +285,14 @@ def _charge(requests, hashes, todo, results, now) -> None:
         borrow = max(wallet.credit_limit - wallet.overage - overage_by_wallet[wallet.pk], ZERO) if (
             wallet.policy == Wallet.Policy.OVERDRAFT) else ZERO
         available = usable_total - wallet_held + borrow
+        first_available.setdefault(wallet.pk, available)
+        if wallet.status == Wallet.Status.PAUSED:
+            body = _rejection("insufficient_credits", "The wallet is paused until credits arrive.",
+                              {"required": str(credits), "available": "0.000000", "reason": "wallet_paused",
+                               "paused_reason": wallet.paused_reason, "event_id": request.event_id})
+            results[i] = ChargeResult(event_id=request.event_id, status="rejected", http_status=402, body=body,
+                                      credits=credits, error=body["error"])
+            continue
         event = UsageEvent(
             customer=request.customer, wallet_id=wallet.pk, feature=request.feature, event_id=request.event_id,
             quantity=request.quantity, occurred_at=request.occurred_at, properties=request.properties,
@@ -342,6 +353,7 @@ def _charge(requests, hashes, todo, results, now) -> None:
         }
         results[i] = ChargeResult(event_id=request.event_id, status="charged", http_status=201, body=event.response,
                                   credits=credits)
+        last_available[wallet.pk] = available - credits
         new_events.append(event)
 
     UsageEvent.objects.bulk_create(new_events)
@@ -362,6 +374,10 @@ def _charge(requests, hashes, todo, results, now) -> None:
         reservation.usage_event_id = event.pk
     if captured:
         Reservation.objects.bulk_update(captured, ["status", "closed_at", "usage_event"])
+    for wallet_id, after in last_available.items():
+        wallet = wallets[wallet_id]
+        if wallet.crosses_alert_mark(first_available[wallet_id], after):
+            events.balance_crossed(wallet=wallet, before=first_available[wallet_id], after=after, cause="usage")
 
 
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
