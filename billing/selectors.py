@@ -53,3 +53,58 @@ def wallet_balance(wallet: Wallet, *, at: datetime | None = None) -> WalletBalan
         grants=grants,
         as_of=at,
     )
+
+
+@dataclass
+class RateImpactRow:
+    customer_id: int
+    external_id: str
+    name: str
+    events: int
+    current_credits: Decimal
+    proposed_credits: Decimal
+
+    @property
+    def delta(self) -> Decimal:
+        return self.proposed_credits - self.current_credits
+
+    @property
+    def delta_percent(self) -> Decimal | None:
+        if not self.current_credits:
+            return None
+        return (self.delta / self.current_credits * 100).quantize(Decimal("0.1"))
+
+
+def rate_card_impact(*, proposed: dict[int, Decimal], start: datetime, end: datetime) -> list[RateImpactRow]:
+    """Replay charged usage in [start, end) under ``proposed`` credit costs
+    (feature id → credits per unit) and compare with what was charged, per
+    customer, biggest increase first. Each event is re-priced and rounded on
+    its own, as the engine would have; features not in ``proposed`` keep
+    their charged credits. Reads only; nothing is re-charged."""
+    from django.db.models import Case, Count, DecimalField, F, Value, When
+    from django.db.models.functions import Round
+
+    from billing.models import UsageEvent
+
+    credit = DecimalField(max_digits=20, decimal_places=6)
+    repriced = Case(
+        *[
+            When(feature_id=feature_id, then=Round(F("quantity") * Value(rate), 6, output_field=credit))
+            for feature_id, rate in proposed.items()
+        ],
+        default=F("credits"),
+        output_field=credit,
+    )
+    rows = (
+        UsageEvent.objects.filter(status=UsageEvent.Status.CHARGED, occurred_at__gte=start, occurred_at__lt=end)
+        .values("customer_id", "customer__external_id", "customer__name")
+        .annotate(events=Count("pk"), current=Sum("credits"), proposed=Sum(repriced))
+    )
+    result = [
+        RateImpactRow(
+            customer_id=row["customer_id"], external_id=row["customer__external_id"], name=row["customer__name"],
+            events=row["events"], current_credits=row["current"] or ZERO, proposed_credits=row["proposed"] or ZERO,
+        )
+        for row in rows
+    ]
+    return sorted(result, key=lambda r: r.delta, reverse=True)
