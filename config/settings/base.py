@@ -128,19 +128,22 @@ SPECTACULAR_SETTINGS = {
 
 # --- Celery -----------------------------------------------------------------
 # A broker that needs no server by default: kombu's filesystem transport, shared
-# by every process on this machine through folders under .run/broker/.
+# by every process on this machine through folders under .run/broker/ (or
+# CELERY_BROKER_DIR). Every path is absolute so web, worker and beat agree
+# whatever their working directory; the folders are created here.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", "filesystem://")
-_broker_dir = BASE_DIR / ".run" / "broker"
-CELERY_BROKER_TRANSPORT_OPTIONS = (
-    {
+_broker_dir = Path(env("CELERY_BROKER_DIR", str(BASE_DIR / ".run" / "broker"))).resolve()
+CELERY_BROKER_TRANSPORT_OPTIONS = {}
+if CELERY_BROKER_URL.startswith("filesystem"):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "out"),
         "data_folder_out": str(_broker_dir / "out"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
-    if CELERY_BROKER_URL.startswith("filesystem")
-    else {}
-)
+    for _folder in ("out", "processed", "control"):
+        (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND") or None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
