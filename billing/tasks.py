@@ -1,0 +1,76 @@
+"""Celery tasks for billing's clock-driven jobs (scheduled in ``config/schedule.py``).
+
+Each task is thin: it takes ids or nothing, calls one service, records a
+``JobRun`` so staff see progress in the admin, and retries on database
+connection errors. They are idempotent and safe to kill mid-run (the services
+commit per grant, per event), and run with ``acks_late`` so a job lost with its
+worker is delivered again.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from celery import shared_task
+from django.db import InterfaceError, OperationalError
+from django.utils import timezone
+
+from billing import events
+from billing.models import CreditGrant, OutboxEvent
+from billing.services import grants, reservations
+from billing.services.jobs import job_run
+
+RETRYING = {
+    "acks_late": True,
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": True,
+    "retry_backoff_max": 300,
+    "max_retries": 5,
+}
+OUTBOX_REDELIVERY_AGE = timedelta(minutes=1)
+OUTBOX_BATCH = 500
+
+
+@shared_task(name="billing.tasks.grants_expire_due", **RETRYING)
+def grants_expire_due() -> int:
+    """Write the expiry entries of every grant past its expiry. Returns how many expired now."""
+    now = timezone.now()
+    with job_run("grants_expire_due") as job:
+        job.set_total(CreditGrant.objects.filter(status=CreditGrant.Status.ACTIVE, expires_at__lte=now).count())
+        expired = grants.grants_expire_due(now=now, progress=job.advance)
+        job.note(expired=expired, as_of=now.isoformat())
+    return expired
+
+
+@shared_task(name="billing.tasks.reservations_expire_due", **RETRYING)
+def reservations_expire_due() -> int:
+    """Mark open holds past their TTL as expired. Returns how many."""
+    now = timezone.now()
+    with job_run("reservations_expire_due") as job:
+        released = reservations.reservations_expire_due(now=now)
+        job.set_total(released)
+        job.advance(released)
+        job.note(expired=released, as_of=now.isoformat())
+    return released
+
+
+@shared_task(name="billing.tasks.outbox_dispatch_pending", **RETRYING)
+def outbox_dispatch_pending() -> int:
+    """Deliver again the outbox events whose after-commit delivery did not
+    succeed (older than a minute, still undispatched). Returns how many went out."""
+    cutoff = timezone.now() - OUTBOX_REDELIVERY_AGE
+    pending = OutboxEvent.objects.filter(dispatched_at__isnull=True, created_at__lte=cutoff)
+    delivered = failed = 0
+    with job_run("outbox_dispatch_pending") as job:
+        job.set_total(pending.count())
+        last_pk = 0
+        while ids := list(pending.filter(pk__gt=last_pk).order_by("pk").values_list("pk", flat=True)[:OUTBOX_BATCH]):
+            for event_id in ids:
+                if events.dispatch(event_id):
+                    delivered += 1
+                else:
+                    failed += 1
+                job.advance()
+            last_pk = ids[-1]
+        job.note(delivered=delivered, failed=failed)
+    return delivered

@@ -1,0 +1,50 @@
+"""The clock-driven jobs, declared in code.
+
+``python manage.py sync_schedules`` (run at every start) copies this table into
+django-celery-beat's tables, where the DatabaseScheduler reads it and staff see
+each job under *Periodic tasks* in the admin. A job a staff member paused there
+(``enabled`` unticked) stays paused across syncs; everything else — task,
+interval, description — follows this file. Other apps add their jobs here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class ScheduledJob:
+    name: str
+    task: str
+    every: timedelta
+    description: str
+    # Beat sends at most one copy per interval; an undelivered copy older than
+    # this is dropped (the next tick sends a fresh one), so a stopped worker
+    # does not come back to a pile of identical jobs.
+    expires_after: timedelta | None = None
+
+
+SCHEDULE: tuple[ScheduledJob, ...] = (
+    ScheduledJob(
+        name="Expire grants past their expiry",
+        task="billing.tasks.grants_expire_due",
+        every=timedelta(minutes=5),
+        description="Writes the expiry entry of every active grant whose expires_at has passed.",
+        expires_after=timedelta(minutes=5),
+    ),
+    ScheduledJob(
+        name="Release expired holds",
+        task="billing.tasks.reservations_expire_due",
+        every=timedelta(minutes=1),
+        description="Marks open reservations past their TTL as expired (they already stopped counting).",
+        expires_after=timedelta(minutes=1),
+    ),
+    ScheduledJob(
+        name="Redeliver domain events",
+        task="billing.tasks.outbox_dispatch_pending",
+        every=timedelta(minutes=2),
+        description="Hands undispatched outbox events older than a minute to their subscribers again.",
+        expires_after=timedelta(minutes=2),
+    ),
+)
