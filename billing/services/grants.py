@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from billing import events
-from billing.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from billing.errors import Conflict, IdempotencyConflict, InvalidRequest, NotFound, PermissionDenied
 from billing.models import Adjustment, CreditGrant, Customer, LedgerEntry, Wallet
 from billing.numbers import ZERO, round_credits, round_rate
 from billing.services.audit import audit_record
@@ -98,7 +98,10 @@ def grant_create(
     outstanding overage) at once; grants above CREDITDESK_GRANT_APPROVAL_THRESHOLD
     from unpaid sources (or with ``require_approval``) wait in ``pending_approval``.
 
-    Idempotent per wallet and ``idempotency_key``: a second call returns the first grant.
+    Idempotent per wallet and ``idempotency_key``: a second call returns the first
+    grant; the same key with a different kind, amount, source, priority, price or
+    feature raises IdempotencyConflict (timestamps are not compared: retries
+    recompute them).
     """
     amount = round_credits(amount)
     if amount <= 0:
@@ -129,6 +132,13 @@ def grant_create(
         if idempotency_key:
             existing = CreditGrant.objects.filter(wallet=locked_wallet, idempotency_key=idempotency_key).first()
             if existing is not None:
+                asked = (kind, amount, source, priority, price_paid, feature.pk if feature else None)
+                if asked != (existing.kind, existing.original_amount, existing.source, existing.priority,
+                             existing.price_paid, existing.feature_id):
+                    raise IdempotencyConflict(
+                        f"Idempotency key {idempotency_key!r} was already used for a different grant.",
+                        details={"idempotency_key": idempotency_key, "grant": existing.pk},
+                    )
                 return existing
         grant = CreditGrant.objects.create(
             wallet=locked_wallet, kind=kind, source=source, original_amount=amount,
