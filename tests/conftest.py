@@ -67,7 +67,8 @@ def assert_ledger_consistent(wallet: Wallet) -> None:
 
 def assert_only_usable_grants_consumed(wallet: Wallet) -> None:
     """DESIGN.md §4 invariant 3: every usage entry took credits from a grant that
-    was usable when the charge ran (active then, effective, unexpired, in scope).
+    was usable when the charge ran (active then, effective, unexpired, in scope),
+    and every overage repayment from a grant usable for any feature then.
     The moment of a charge is its usage event's ``created_at`` (the ``now`` it ran at)."""
     entries = LedgerEntry.objects.filter(wallet=wallet, type=LedgerEntry.Type.USAGE).select_related(
         "grant", "usage_event")
@@ -86,6 +87,14 @@ def assert_only_usable_grants_consumed(wallet: Wallet) -> None:
         assert not earlier_end, f"{entry}: grant #{grant.pk} was already expired or voided"
         approved_later = grant.decided_at is not None and grant.decided_at > entry.created_at
         assert not approved_later, f"{entry}: grant #{grant.pk} approved after it was consumed"
+    # A new grant repays overage only with credits usable for any feature at that moment.
+    settled = LedgerEntry.objects.filter(wallet=wallet, type=LedgerEntry.Type.OVERAGE_SETTLED,
+                                         grant__isnull=False).select_related("grant")
+    for entry in settled:
+        grant = entry.grant
+        assert grant.feature_id is None, f"{entry}: feature-scoped grant #{grant.pk} repaid overage"
+        assert grant.effective_at <= entry.created_at, f"{entry}: grant #{grant.pk} not yet effective"
+        assert grant.expires_at is None or grant.expires_at > entry.created_at, f"{entry}: grant expired"
 
 
 @pytest.fixture

@@ -65,14 +65,18 @@ def default_wallet(customer: Customer) -> Wallet:
 
 
 def _activate(*, grant: CreditGrant, wallet: Wallet, reference: str) -> None:
-    """Credit an active grant to its locked wallet: the grant entry, then overage repayment."""
+    """Credit an active grant to its locked wallet: the grant entry, then overage
+    repayment — only from a grant usable now for any feature (a feature-scoped or
+    not-yet-effective grant may not pay for earlier usage, DESIGN.md §4.3)."""
     movements = [
         Movement(
             type=LedgerEntry.Type.GRANT, amount=grant.original_amount, grant=grant, reference=reference,
             idempotency_key=grant.idempotency_key or "", memo=grant.reason[:500],
         )
     ]
-    settled, overage_delta = settle_overage(wallet=wallet, grant=grant, reference=reference)
+    settled, overage_delta = (
+        settle_overage(wallet=wallet, grant=grant, reference=reference) if grant.is_usable() else ([], ZERO)
+    )
     append_entries(wallet=wallet, movements=movements + settled, overage_delta=overage_delta)
     if wallet.status == Wallet.Status.PAUSED:
         Wallet.objects.filter(pk=wallet.pk).update(status=Wallet.Status.ACTIVE, paused_reason="")
