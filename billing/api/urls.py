@@ -1,1 +1,69 @@
-urlpatterns: list = []
+"""/api/v1/ routes, exactly as API.md names them (no trailing slashes)."""
+
+from django.urls import path, re_path, register_converter
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from billing.api.customers import (
+    CustomerBalanceApi,
+    CustomerCreateApi,
+    CustomerDetailApi,
+    CustomerGrantsApi,
+    CustomerLedgerApi,
+    GrantVoidApi,
+)
+from billing.api.features import FeatureCostCreateApi, FeaturesApi
+from billing.api.reservations import (
+    ReservationCaptureApi,
+    ReservationCreateApi,
+    ReservationDetailApi,
+    ReservationReleaseApi,
+)
+from billing.api.usage import UsageBatchApi, UsageChargeApi, UsageCheckApi
+
+
+class RowIdConverter:
+    """A primary key that fits PostgreSQL's bigint (longer digit strings are a 404, not a database error)."""
+
+    regex = "[0-9]{1,18}"
+
+    def to_python(self, value: str) -> int:
+        return int(value)
+
+    def to_url(self, value: int) -> str:
+        return str(value)
+
+
+register_converter(RowIdConverter, "rowid")
+
+
+class PublicSchemaView(SpectacularAPIView):
+    authentication_classes: list = []
+    permission_classes: list = []
+
+
+class PublicDocsView(SpectacularSwaggerView):
+    authentication_classes: list = []
+    permission_classes: list = []
+
+
+urlpatterns = [
+    path("customers", CustomerCreateApi.as_view(), name="api-customers"),
+    path("customers/<str:external_id>", CustomerDetailApi.as_view(), name="api-customer"),
+    path("customers/<str:external_id>/balance", CustomerBalanceApi.as_view(), name="api-customer-balance"),
+    path("customers/<str:external_id>/ledger", CustomerLedgerApi.as_view(), name="api-customer-ledger"),
+    path("customers/<str:external_id>/grants", CustomerGrantsApi.as_view(), name="api-customer-grants"),
+    path("grants/<rowid:grant_id>/void", GrantVoidApi.as_view(), name="api-grant-void"),
+    path("features", FeaturesApi.as_view(), name="api-features"),
+    path("features/<str:key>/costs", FeatureCostCreateApi.as_view(), name="api-feature-costs"),
+    path("usage", UsageChargeApi.as_view(), name="api-usage"),
+    path("usage/batch", UsageBatchApi.as_view(), name="api-usage-batch"),
+    path("usage/check", UsageCheckApi.as_view(), name="api-usage-check"),
+    path("reservations", ReservationCreateApi.as_view(), name="api-reservations"),
+    path("reservations/<rowid:reservation_id>", ReservationDetailApi.as_view(), name="api-reservation"),
+    path("reservations/<rowid:reservation_id>/capture", ReservationCaptureApi.as_view(),
+         name="api-reservation-capture"),
+    path("reservations/<rowid:reservation_id>/release", ReservationReleaseApi.as_view(),
+         name="api-reservation-release"),
+    re_path(r"^schema/?$", PublicSchemaView.as_view(), name="api-schema"),
+    re_path(r"^docs/?$", PublicDocsView.as_view(url_name="api-schema"), name="api-docs"),
+]

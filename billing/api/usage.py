@@ -1,0 +1,249 @@
+"""Usage: charge one event, a batch, or check without charging.
+
+This is the hot path, so it is plain functions, not serializers: one query
+resolves the customer, its default wallet and the feature; the charge itself is
+``billing.services.usage`` (one set-based engine). The single-event answer is
+the engine's ``ChargeResult`` status and body as they are, so a replay of an
+``event_id`` returns exactly the first answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import Subquery, Sum
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
+from rest_framework.response import Response
+
+from billing.api import inputs
+from billing.api.base import USAGE_WRITE, ApiView, errors
+from billing.api.serializers import (
+    ErrorSerializer,
+    UsageBatchInput,
+    UsageBatchSerializer,
+    UsageChargeSerializer,
+    UsageCheckInput,
+    UsageCheckSerializer,
+    UsageEventInput,
+)
+from billing.errors import InvalidRequest, NotFound
+from billing.models import CreditGrant, Feature, FeatureCost, Wallet
+from billing.numbers import MAX_QUANTITY, ZERO, round_credits
+from billing.services.ledger import headroom, open_holds_total
+from billing.services.usage import (
+    ChargeRequest,
+    ChargeResult,
+    check_occurred_at,
+    usage_charge,
+    usage_charge_many,
+)
+
+MAX_BATCH = 1000
+MAX_FEATURE_KEY = 100
+
+
+@dataclass
+class UsageInput:
+    customer: str
+    feature: str
+    quantity: Decimal
+    event_id: str | None
+    occurred_at: datetime | None
+    properties: dict
+
+
+def parse_usage(data, *, with_event_id: bool) -> UsageInput:
+    """Validate one usage body; raises InvalidRequest naming the first bad field."""
+    data = inputs.body_object(data)
+    return UsageInput(
+        customer=inputs.text(data, "customer"),
+        feature=inputs.text(data, "feature"),
+        quantity=inputs.decimal(data, "quantity", places=6, maximum=MAX_QUANTITY, allow_zero=True),
+        event_id=inputs.text(data, "event_id") if with_event_id else None,
+        occurred_at=inputs.optional_timestamp(data, "occurred_at"),
+        properties=inputs.properties(data),
+    )
+
+
+def _feature_ref(pk: int, key: str, allow_zero: bool) -> Feature:
+    # The engine needs only the feature's pk and key; this avoids loading the row again.
+    return Feature(pk=pk, key=key, allow_zero_quantity=allow_zero)
+
+
+def resolve(customer: str, feature_key: str) -> tuple[Wallet, Feature]:
+    """The customer's default wallet (with the customer) and the active feature, in one query."""
+    wallet = None
+    if len(feature_key) <= MAX_FEATURE_KEY:
+        features = Feature.objects.filter(key=feature_key, active=True)
+        wallet = (
+            Wallet.objects.select_related("customer")
+            .filter(customer__external_id=customer, is_default=True)
+            .annotate(feature_pk=Subquery(features.values("pk")[:1]),
+                      feature_zero=Subquery(features.values("allow_zero_quantity")[:1]))
+            .first()
+        )
+    else:
+        wallet = Wallet.objects.select_related("customer").filter(
+            customer__external_id=customer, is_default=True).first()
+    if wallet is None:
+        raise NotFound(f"No customer with external_id {customer!r}."[:300], details={"customer": "not found"})
+    if getattr(wallet, "feature_pk", None) is None:
+        raise NotFound(f"No active feature with key {feature_key!r}."[:300], details={"feature": "not found"})
+    return wallet, _feature_ref(wallet.feature_pk, feature_key, wallet.feature_zero)
+
+
+def check_event(event: UsageInput, feature: Feature, now: datetime) -> None:
+    if event.quantity == 0 and not feature.allow_zero_quantity:
+        raise InvalidRequest("quantity must be greater than zero for this feature.",
+                             details={"quantity": "must be greater than zero"})
+    if event.occurred_at is not None:
+        check_occurred_at(event.occurred_at, now)
+
+
+def charge_request(event: UsageInput, wallet: Wallet, feature: Feature) -> ChargeRequest:
+    return ChargeRequest(
+        customer=wallet.customer, wallet_id=wallet.pk, feature=feature, quantity=event.quantity,
+        event_id=event.event_id, occurred_at=event.occurred_at, properties=event.properties,
+    )
+
+
+_CHARGE_RESPONSES = {
+    201: UsageChargeSerializer,
+    400: OpenApiResponse(ErrorSerializer, description="Invalid request (details name the field), occurred_at "
+                         "outside the grace window or clock skew, or no credit cost then"),
+    402: OpenApiResponse(ErrorSerializer, description="Does not fit a block wallet: nothing charged; details "
+                         "carry required and available"),
+    404: OpenApiResponse(ErrorSerializer, description="Unknown customer or feature"),
+    409: OpenApiResponse(ErrorSerializer, description="idempotency_conflict: event_id seen with another payload"),
+}
+
+
+class UsageChargeApi(ApiView):
+    """Charge one usage event (scope ``usage:write``). A replay of the same
+    ``event_id`` (per customer) returns the first status and body; the same id
+    with a different payload is a 409 ``idempotency_conflict``."""
+
+    scopes = {"POST": (USAGE_WRITE,)}
+
+    @extend_schema(
+        operation_id="usage_charge", request=UsageEventInput,
+        responses={**errors(), **_CHARGE_RESPONSES},
+        examples=[OpenApiExample("Charge", request_only=True, value={
+            "customer": "acme", "feature": "api-call", "quantity": "3", "event_id": "evt_123"})],
+    )
+    def post(self, request):
+        now = timezone.now()
+        event = parse_usage(request.data, with_event_id=True)
+        wallet, feature = resolve(event.customer, event.feature)
+        check_event(event, feature, now)
+        result = usage_charge(charge_request(event, wallet, feature), now=now)
+        return Response(result.body, status=result.http_status)
+
+
+def _rejected(event_id: str | None, error: dict) -> dict:
+    return {"event_id": event_id, "status": "rejected", "error": error}
+
+
+def _batch_item(result: ChargeResult) -> dict:
+    if result.status == "charged":
+        return {"event_id": result.event_id, "status": "charged", "credits": str(result.credits)}
+    if result.status == "duplicate":
+        item = {"event_id": result.event_id, "status": "duplicate"}
+        if result.http_status == 201:
+            item["credits"] = str(result.credits)
+        else:
+            item["error"] = result.error
+        return item
+    return _rejected(result.event_id, result.error or result.body.get("error"))
+
+
+class UsageBatchApi(ApiView):
+    """Charge up to 1,000 events (scope ``usage:write``). Each event is validated
+    and charged on its own: a malformed one comes back ``rejected`` with an
+    ``error``, the others still charge. Results are in input order."""
+
+    scopes = {"POST": (USAGE_WRITE,)}
+
+    @extend_schema(operation_id="usage_batch", request=UsageBatchInput,
+                   responses={200: UsageBatchSerializer, **errors(400)})
+    def post(self, request):
+        now = timezone.now()
+        body = inputs.body_object(request.data)
+        events = body.get("events")
+        if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
+            raise InvalidRequest(f"events must be a list of 1 to {MAX_BATCH} usage events.",
+                                 details={"events": f"must be a list of 1 to {MAX_BATCH} events"})
+        items: list[dict | None] = [None] * len(events)
+        parsed: dict[int, UsageInput] = {}
+        for index, raw in enumerate(events):
+            try:
+                parsed[index] = parse_usage(raw, with_event_id=True)
+            except InvalidRequest as exc:
+                items[index] = _rejected(_event_id_of(raw), exc.as_envelope()["error"])
+
+        customers = {e.customer for e in parsed.values()}
+        keys = {e.feature for e in parsed.values() if len(e.feature) <= MAX_FEATURE_KEY}
+        wallets = {w.customer.external_id: w for w in Wallet.objects.select_related("customer").filter(
+            customer__external_id__in=customers, is_default=True)} if customers else {}
+        features = {f.key: f for f in Feature.objects.filter(key__in=keys, active=True)} if keys else {}
+
+        requests: list[ChargeRequest] = []
+        positions: list[int] = []
+        for index, event in parsed.items():
+            try:
+                wallet = wallets.get(event.customer)
+                if wallet is None:
+                    raise NotFound(f"No customer with external_id {event.customer!r}."[:300],
+                                   details={"customer": "not found"})
+                feature = features.get(event.feature)
+                if feature is None:
+                    raise NotFound(f"No active feature with key {event.feature!r}."[:300],
+                                   details={"feature": "not found"})
+                check_event(event, feature, now)
+            except (InvalidRequest, NotFound) as exc:
+                items[index] = _rejected(event.event_id, exc.as_envelope()["error"])
+                continue
+            requests.append(charge_request(event, wallet, feature))
+            positions.append(index)
+
+        for index, result in zip(positions, usage_charge_many(requests, now=now), strict=True):
+            items[index] = _batch_item(result)
+        return Response({"results": items})
+
+
+def _event_id_of(raw) -> str | None:
+    value = raw.get("event_id") if isinstance(raw, dict) else None
+    return value if isinstance(value, str) and len(value) <= inputs.MAX_ID_LENGTH and inputs.storable(value) else None
+
+
+class UsageCheckApi(ApiView):
+    """Would this usage be allowed now? Prices it like a charge (same body without
+    ``event_id``) and compares with the available balance; charges nothing
+    (scope ``usage:write``)."""
+
+    scopes = {"POST": (USAGE_WRITE,)}
+
+    @extend_schema(operation_id="usage_check", request=UsageCheckInput,
+                   responses={200: UsageCheckSerializer, **errors(400, 404)})
+    def post(self, request):
+        now = timezone.now()
+        event = parse_usage(request.data, with_event_id=False)
+        wallet, feature = resolve(event.customer, event.feature)
+        check_event(event, feature, now)
+        at = event.occurred_at or now
+        rate = FeatureCost.objects.effective(feature_id=feature.pk, at=at, customer_id=wallet.customer_id)
+        if rate is None:
+            raise InvalidRequest(f"Feature {feature.key!r} has no credit cost effective at {at.isoformat()}.",
+                                 details={"occurred_at": "no credit cost is effective at this time"})
+        credits = round_credits(event.quantity * rate.credits_per_unit)
+        if wallet.status == Wallet.Status.PAUSED:
+            available = ZERO
+        else:
+            usable = CreditGrant.objects.filter(wallet_id=wallet.pk).usable(at=now, feature_id=feature.pk).aggregate(
+                total=Sum("remaining"))["total"] or ZERO
+            available = max(usable - open_holds_total(wallet, at=now) + headroom(wallet), ZERO)
+        return Response({"allowed": credits <= available, "credits": str(credits),
+                         "available": str(round_credits(available))})
