@@ -1,6 +1,8 @@
+import importlib
 from decimal import Decimal
 
 import pytest
+from django.apps import apps as django_apps
 from django.db.backends.postgresql.operations import DatabaseOperations
 from django.db.models import Sum
 
@@ -15,17 +17,21 @@ def _ledger_flushable_between_transactional_tests():
     """The ledger refuses TRUNCATE (DESIGN.md §4.5), and Django empties the
     database after each ``transaction=True`` test with one TRUNCATE. Lift the
     guard for that statement only, inside the flush's own transaction (table
-    owner rights suffice; the guard is back before the transaction commits)."""
+    owner rights suffice; the guard is back before the transaction commits).
+    The flush also wipes rows that data migrations created (the built-in
+    ``credits`` feature): put them back so later tests see a migrated database."""
     original = DatabaseOperations.execute_sql_flush
+    builtin_credits = importlib.import_module("billing.migrations.0003_credits_feature").create
 
     def execute_sql_flush(self, sql_list):
-        if any("billing_ledgerentry" in sql for sql in sql_list):
-            sql_list = [
-                f"ALTER TABLE billing_ledgerentry DISABLE TRIGGER {_TRUNCATE_GUARD}",
-                *sql_list,
-                f"ALTER TABLE billing_ledgerentry ENABLE TRIGGER {_TRUNCATE_GUARD}",
-            ]
-        return original(self, sql_list)
+        if not any("billing_ledgerentry" in sql for sql in sql_list):
+            return original(self, sql_list)
+        original(self, [
+            f"ALTER TABLE billing_ledgerentry DISABLE TRIGGER {_TRUNCATE_GUARD}",
+            *sql_list,
+            f"ALTER TABLE billing_ledgerentry ENABLE TRIGGER {_TRUNCATE_GUARD}",
+        ])
+        builtin_credits(django_apps, None)
 
     DatabaseOperations.execute_sql_flush = execute_sql_flush
     yield
