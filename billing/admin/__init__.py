@@ -1,0 +1,7 @@
+"""The finance back office: every billing model in the Django admin.
+
+Registration happens on import of the modules below; see ``base`` for the
+shared pieces (capped paginator, audit mixin, operations).
+"""
+
+from billing.admin import catalog, customers, grants, ledger, system  # noqa: F401

@@ -1,0 +1,110 @@
+"""Every billing changelist, change page and add page answers 200 to the roles
+whose permissions allow it and 403 to the others."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib import admin
+from django.urls import reverse
+
+from billing import roles
+from billing.models import LedgerEntry, UsageEvent
+
+pytestmark = pytest.mark.django_db
+
+ROLES = ("finance", "sales_rep", "sales_manager", "support", "auditor", "superuser")
+ROLE_GROUP = {"finance": roles.FINANCE, "sales_rep": roles.SALES_REP, "sales_manager": roles.SALES_MANAGER,
+              "support": roles.SUPPORT, "auditor": roles.AUDITOR}
+# Rows created only by services or by the system: nobody adds them in the admin.
+NO_ADD_PAGE = {"ledgerentry", "usageevent", "reservation", "auditevent", "outboxevent", "jobrun",
+               "idempotencyrecord", "packdiscounttier"}
+MODELS = [m for m in roles.BILLING_MODELS if m != "packdiscounttier"]  # edited inline on its pack
+
+
+def allowed(role: str, perm: str) -> bool:
+    return role == "superuser" or f"billing.{perm}" in roles.role_permissions()[ROLE_GROUP[role]]
+
+
+def test_every_billing_model_is_registered():
+    registered = {model._meta.model_name for model in admin.site._registry if model._meta.app_label == "billing"}
+    assert set(MODELS) <= registered
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_changelists_and_change_pages_follow_the_role(role, book, staff_client):
+    client = staff_client(role)
+    for model in MODELS:
+        can_view = allowed(role, f"view_{model}") or allowed(role, f"change_{model}")
+        expected = 200 if can_view else 403
+        changelist = client.get(reverse(f"admin:billing_{model}_changelist"))
+        assert changelist.status_code == expected, (role, model, "changelist")
+        change = client.get(reverse(f"admin:billing_{model}_change", args=[book[model].pk]))
+        assert change.status_code == expected, (role, model, "change")
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_add_pages_follow_the_role(role, book, staff_client):
+    client = staff_client(role)
+    for model in MODELS:
+        response = client.get(reverse(f"admin:billing_{model}_add"))
+        may_add = model not in NO_ADD_PAGE and allowed(role, f"add_{model}")
+        assert response.status_code == (200 if may_add else 403), (role, model)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_nobody_edits_or_deletes_a_ledger_entry(role, book, staff_client):
+    client = staff_client(role)
+    for row in (book["ledgerentry"], book["usageevent"]):
+        name = row._meta.model_name
+        before = LedgerEntry.objects.filter(pk=row.pk).values().first() if name == "ledgerentry" else (
+            UsageEvent.objects.filter(pk=row.pk).values().first())
+        change_url = reverse(f"admin:billing_{name}_change", args=[row.pk])
+        assert client.post(change_url, {"amount": "999", "memo": "edited"}).status_code == 403
+        delete_url = reverse(f"admin:billing_{name}_delete", args=[row.pk])
+        assert client.get(delete_url).status_code == 403
+        assert client.post(delete_url, {"post": "yes"}).status_code == 403
+        after = type(row).objects.filter(pk=row.pk).values().first()
+        assert after == before
+
+
+def test_customer_page_shows_balances_grants_ledger_holds_and_chart(book, staff_client):
+    response = staff_client("sales_rep").get(reverse("admin:billing_customer_change", args=[book["customer"].pk]))
+    page = response.content.decode()
+    wallet = book["wallet"]
+    assert response.status_code == 200
+    assert "Available" in page and "Ledger balance" in page and "Overage" in page
+    assert f'<span class="value cd-ledger-balance">{wallet.__class__.objects.get(pk=wallet.pk).ledger_balance}' \
+           in page
+    assert f'href="/admin/billing/creditgrant/{book["creditgrant"].pk}/change/"' in page
+    assert f'/admin/billing/reservation/{book["reservation"].pk}/change/' in page
+    assert "Usage, last 30 days" in page and "<svg" in page
+    assert f"?wallet__id__exact={wallet.pk}" in page
+    # Sales reps see the numbers but not the finance buttons.
+    assert "Grant credits" not in page and "Sell a pack" not in page
+
+
+def test_finance_sees_the_finance_buttons(book, staff_client):
+    page = staff_client("finance").get(
+        reverse("admin:billing_customer_change", args=[book["customer"].pk])).content.decode()
+    assert f'/admin/billing/creditgrant/add/?wallet={book["wallet"].pk}' in page
+    assert "Sell a pack" in page and "Request adjustment" in page
+
+
+def test_ledger_list_filtered_by_wallet_and_capped_count(book, staff_client):
+    client = staff_client("auditor")
+    response = client.get(reverse("admin:billing_ledgerentry_changelist"),
+                          {"wallet__id__exact": book["wallet"].pk})
+    assert response.status_code == 200
+    total = LedgerEntry.objects.filter(wallet=book["wallet"]).count()
+    assert len(response.context["cl"].result_list) == total
+    assert response.context["cl"].full_result_count is None
+
+
+def test_index_dashboard_counts(book, staff_client):
+    response = staff_client("finance").get(reverse("admin:index"))
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert 'id="creditdesk-dashboard"' in page
+    assert '<td class="cd-pending-grants">1</td>' in page
+    assert '<td class="cd-pending-adjustments">1</td>' in page
+    assert '<td class="cd-used-today">6.000000</td>' in page
