@@ -8,7 +8,7 @@ from decimal import Decimal
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from billing.errors import InvalidRequest
+from billing.errors import IdempotencyConflict, InvalidRequest
 from billing.models import CreditGrant, CreditPack, PackPurchase, Wallet
 from billing.numbers import round_credits, round_money
 from billing.services.audit import audit_record
@@ -30,7 +30,8 @@ def pack_purchase(
 ) -> PackPurchase:
     """Sell ``quantity`` packs: one grant of pack.credits × quantity whose cost
     basis is the price paid ÷ credits, expiring after the pack's validity.
-    Idempotent on ``idempotency_key``."""
+    Idempotent on ``idempotency_key``: a replay returns the first purchase; the
+    same key for another wallet, pack or quantity raises IdempotencyConflict."""
     if not pack.active:
         raise InvalidRequest(f"Pack {pack.code!r} is no longer sold.", details={"pack": pack.code})
     if quantity < 1:
@@ -38,7 +39,7 @@ def pack_purchase(
     if idempotency_key:
         existing = PackPurchase.objects.filter(idempotency_key=idempotency_key).first()
         if existing is not None:
-            return existing
+            return _replayed(existing, wallet=wallet, pack=pack, quantity=quantity)
     list_price, discount, total = pack_price(pack=pack, quantity=quantity)
     credits = round_credits(pack.credits * quantity)
     now = timezone.now()
@@ -64,5 +65,14 @@ def pack_purchase(
         existing = PackPurchase.objects.filter(idempotency_key=idempotency_key).first() if idempotency_key else None
         if existing is None:
             raise
-        return existing
+        return _replayed(existing, wallet=wallet, pack=pack, quantity=quantity)
     return purchase
+
+
+def _replayed(existing: PackPurchase, *, wallet: Wallet, pack: CreditPack, quantity: int) -> PackPurchase:
+    if (existing.wallet_id, existing.pack_id, existing.quantity) != (wallet.pk, pack.pk, quantity):
+        raise IdempotencyConflict(
+            f"Idempotency key {existing.idempotency_key!r} was already used for a different purchase.",
+            details={"idempotency_key": existing.idempotency_key, "purchase": existing.pk},
+        )
+    return existing
