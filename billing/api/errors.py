@@ -41,7 +41,18 @@ STATUS_CODES = {
 
 
 def envelope(code: str, message: str, details: dict | None = None) -> dict:
-    return {"error": {"code": code, "message": message, "details": details or {}}}
+    return {"error": {"code": code, "message": _printable(message), "details": _printable(details or {})}}
+
+
+def _printable(value):
+    """Error messages may echo client input: keep them encodable as UTF-8 JSON."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(str(k)): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
 
 
 def json_error(status: int, message: str, details: dict | None = None) -> JsonResponse:
@@ -80,7 +91,7 @@ def _validation_message(details: dict) -> str:
 
 def exception_handler(exc, context) -> Response:
     if isinstance(exc, BillingError):
-        return Response(exc.as_envelope(), status=exc.http_status)
+        return Response(envelope(exc.code, exc.message, exc.details), status=exc.http_status)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):

@@ -19,6 +19,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework.response import Response
 
+from billing.api.errors import envelope
 from billing.errors import BillingError, IdempotencyConflict, InvalidRequest
 from billing.models import IdempotencyRecord
 from billing.services.locks import lock_key
@@ -70,7 +71,7 @@ def run_idempotent(*, operation: str, key: str, payload: dict, perform: Callable
         except BillingError as exc:
             if exc.http_status not in STORED_STATUSES:
                 raise
-            status, body = exc.http_status, exc.as_envelope()
+            status, body = exc.http_status, envelope(exc.code, exc.message, exc.details)
         IdempotencyRecord.objects.create(scope=operation, key=key, request_hash=digest, status_code=status,
                                          response=body)
     return Response(body, status=status)

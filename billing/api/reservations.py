@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db import transaction
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.response import Response
 
@@ -22,8 +23,9 @@ from billing.api.serializers import (
     ReservationSerializer,
     UsageChargeSerializer,
 )
-from billing.errors import NotFound
-from billing.models import Reservation
+from billing.errors import Conflict, NotFound
+from billing.models import Reservation, UsageEvent
+from billing.services.locks import lock_key
 from billing.services.reservations import reservation_capture, reservation_create, reservation_release
 
 
@@ -86,11 +88,19 @@ class ReservationCaptureApi(ApiView):
     })
     def post(self, request, reservation_id: int):
         data = validated(ReservationCaptureInput, request.data)
-        reservation = load_reservation(reservation_id)
-        result = reservation_capture(
-            reservation=reservation, event_id=data["event_id"], quantity=data.get("quantity"),
-            amount=data.get("amount"), properties=data["properties"],
-        )
+        with transaction.atomic():
+            # One capture of a hold at a time; a hold captured under another event id
+            # is refused here, before the charge engine sees it.
+            lock_key("reservations.capture", str(reservation_id))
+            reservation = load_reservation(reservation_id)
+            if reservation.status == Reservation.Status.CAPTURED and not UsageEvent.objects.filter(
+                    pk=reservation.usage_event_id, event_id=data["event_id"]).exists():
+                raise Conflict("The reservation was already captured under another event_id.",
+                               details={"reservation": reservation.pk})
+            result = reservation_capture(
+                reservation=reservation, event_id=data["event_id"], quantity=data.get("quantity"),
+                amount=data.get("amount"), properties=data["properties"],
+            )
         return Response(result.body, status=result.http_status)
 
 

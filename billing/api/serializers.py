@@ -14,6 +14,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
 from billing.api.inputs import (
@@ -87,7 +88,17 @@ class CustomerCreateInput(serializers.Serializer):
     name = StrictCharField(max_length=255)
     email = serializers.EmailField(required=False, allow_blank=True, default="", max_length=254)
     currency = StrictCharField(required=False, default="USD", max_length=3, validators=[validate_currency])
-    timezone = StrictCharField(required=False, default="UTC", max_length=64, validators=[validate_timezone])
+    timezone = StrictCharField(required=False, default="UTC", max_length=64)
+
+    def validate_timezone(self, value: str) -> str:
+        # zoneinfo looks names up as files: refuse odd names before asking it.
+        if not all(c.isalnum() or c in "/_-+" for c in value):
+            raise serializers.ValidationError(f"Unknown time zone: {value!r}")
+        try:
+            validate_timezone(value)
+        except (DjangoValidationError, OSError):
+            raise serializers.ValidationError(f"Unknown time zone: {value!r}") from None
+        return value
 
 
 class WalletSerializer(serializers.Serializer):

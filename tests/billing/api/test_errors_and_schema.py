@@ -1,0 +1,63 @@
+import pytest
+import yaml
+from django.test import Client
+
+from billing.errors import Conflict
+from tests.billing.api.conftest import assert_error
+
+
+@pytest.mark.parametrize("path", ["/api/v1/nothing", "/api/v1/usage/", "/api/v2/usage", "/api/",
+                                  "/api/v1/customers/a/b/c", "/api/v1/reservations/abc"])
+def test_unknown_api_urls_are_404_in_the_envelope(usage_api, path):
+    assert_error(usage_api.get(path), 404, "not_found")
+    assert_error(usage_api.post(path, {}), 404, "not_found")
+
+
+def test_unknown_customer_paths_never_reach_the_database_badly(read_api):
+    for external_id in ("%00", "x" * 5000, "%ED%A0%80"):
+        assert_error(read_api.get(f"/api/v1/customers/{external_id}/balance"), 404, "not_found")
+
+
+def test_wrong_method_is_405_in_the_envelope(usage_api, read_api):
+    assert_error(usage_api.get("/api/v1/usage"), 405, "method_not_allowed")
+    assert_error(usage_api._send("delete", "/api/v1/usage"), 405, "method_not_allowed")
+    assert_error(read_api._send("put", "/api/v1/customers/acme", {}), 405, "method_not_allowed")
+
+
+def test_unexpected_errors_are_a_logged_500_envelope(usage_api, monkeypatch, caplog):
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("billing.api.usage.parse_usage", explode)
+    assert_error(usage_api.post("/api/v1/usage", {}), 500, "internal_error")
+    assert "boom" in caplog.text
+
+
+def test_billing_errors_keep_their_code_and_status(admin_api, monkeypatch):
+    def refuse(**kwargs):
+        raise Conflict("Busy.", details={"why": "test"})
+
+    monkeypatch.setattr("billing.api.customers.customer_create", refuse)
+    error = assert_error(admin_api.post("/api/v1/customers", {"external_id": "a", "name": "A"}), 409, "conflict")
+    assert error["details"] == {"why": "test"}
+
+
+@pytest.mark.django_db
+def test_schema_and_docs_are_public_and_describe_every_endpoint():
+    client = Client()
+    response = client.get("/api/v1/schema/")
+    assert response.status_code == 200
+    schema = yaml.safe_load(response.content)
+    paths = set(schema["paths"])
+    assert {
+        "/api/v1/customers", "/api/v1/customers/{external_id}", "/api/v1/customers/{external_id}/balance",
+        "/api/v1/customers/{external_id}/ledger", "/api/v1/customers/{external_id}/grants",
+        "/api/v1/grants/{grant_id}/void", "/api/v1/features", "/api/v1/features/{key}/costs", "/api/v1/usage",
+        "/api/v1/usage/batch", "/api/v1/usage/check", "/api/v1/reservations",
+        "/api/v1/reservations/{reservation_id}/capture", "/api/v1/reservations/{reservation_id}/release",
+    } <= paths
+    assert schema["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
+    usage = schema["paths"]["/api/v1/usage"]["post"]["responses"]
+    assert {"201", "400", "401", "402", "403", "404", "409"} <= set(usage)
+    docs = client.get("/api/v1/docs/")
+    assert docs.status_code == 200 and b"swagger" in docs.content.lower()
