@@ -6,6 +6,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.db import transaction
+from django.utils import timezone
 
 from billing import events
 from billing.models import Wallet
@@ -26,7 +27,8 @@ def wallet_pause(*, wallet_id: int, reason: str, actor=None, actor_label: str = 
         wallet.save(update_fields=["status", "paused_reason"])
         audit_record(actor=actor, actor_label=actor_label or "system", action="wallet.pause", obj=wallet,
                      changes={"reason": reason})
-        events.publish("wallet.paused", {"wallet": wallet.pk, "customer": wallet.customer_id, "reason": reason})
+        events.publish("wallet.paused", {"wallet": wallet.pk, "customer": wallet.customer_id, "reason": reason,
+                                         "at": timezone.now().isoformat()})
     return wallet
 
 
@@ -40,7 +42,8 @@ def wallet_resume(*, wallet_id: int, actor=None, actor_label: str = "") -> Walle
         wallet.paused_reason = ""
         wallet.save(update_fields=["status", "paused_reason"])
         audit_record(actor=actor, actor_label=actor_label or "system", action="wallet.resume", obj=wallet)
-        events.publish("wallet.resumed", {"wallet": wallet.pk, "customer": wallet.customer_id})
+        events.publish("wallet.resumed", {"wallet": wallet.pk, "customer": wallet.customer_id,
+                                          "at": timezone.now().isoformat()})
     return wallet
 
 
