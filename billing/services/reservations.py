@@ -14,7 +14,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from billing.errors import Conflict, InsufficientCredits, InvalidRequest, NotFound
+from billing.errors import Conflict, IdempotencyConflict, InsufficientCredits, InvalidRequest, NotFound
 from billing.models import CreditGrant, Customer, Feature, FeatureCost, Reservation
 from billing.numbers import ZERO, round_credits
 from billing.services.ledger import headroom, open_holds_total
@@ -32,7 +32,9 @@ def reservation_create(
     """Hold ``amount`` credits (or ``quantity`` of ``feature`` at today's cost).
 
     Locks the wallet's usable grants and the wallet; raises InsufficientCredits
-    when the hold does not fit the available balance."""
+    when the hold does not fit the available balance. Idempotent per wallet and
+    ``idempotency_key``: a replay returns the first hold, whatever its state now;
+    the same key for another amount or feature raises IdempotencyConflict."""
     now = now or timezone.now()
     ttl = settings.CREDITDESK_DEFAULT_HOLD_TTL_SECONDS if ttl_seconds is None else ttl_seconds
     if not 1 <= ttl <= settings.CREDITDESK_MAX_HOLD_TTL_SECONDS:
@@ -56,6 +58,15 @@ def reservation_create(
         )
         grants = lock_grants(grant_ids)
         wallet = lock_wallet(wallet_id)
+        if idempotency_key:
+            existing = Reservation.objects.filter(wallet=wallet, idempotency_key=idempotency_key).first()
+            if existing is not None:
+                if (existing.amount, existing.feature_id) != (amount, feature.pk if feature else None):
+                    raise IdempotencyConflict(
+                        f"Idempotency key {idempotency_key!r} was already used for a different hold.",
+                        details={"idempotency_key": idempotency_key, "reservation": existing.pk},
+                    )
+                return existing
         usable = sum((g.remaining for g in grants.values() if g.is_usable(now, feature.pk if feature else None)), ZERO)
         available = usable - open_holds_total(wallet, at=now) + headroom(wallet)
         if amount > available:
