@@ -21,11 +21,13 @@ from config.celery import app as celery_app
 
 @pytest.fixture(autouse=True)
 def eager_celery(settings):
-    """Run tasks in the calling thread (a real worker is not the point here)."""
+    """Run tasks in the calling thread (a real worker is not the point here).
+    Eager errors are not propagated: that is how Celery lets an eager task's
+    ``self.retry`` run the retry in place; outcomes are asserted on the rows."""
     settings.CELERY_TASK_ALWAYS_EAGER = True
     previous = celery_app.conf.task_always_eager, celery_app.conf.task_eager_propagates
     celery_app.conf.task_always_eager = True
-    celery_app.conf.task_eager_propagates = True
+    celery_app.conf.task_eager_propagates = False
     yield
     celery_app.conf.task_always_eager, celery_app.conf.task_eager_propagates = previous
 
@@ -74,7 +76,7 @@ def webhook_receiver():
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
-            recorder.requests.append({"path": self.path, "headers": dict(self.headers.items()), "body": body})
+            recorder.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
             status, text = recorder.next_response()
             payload = text.encode()
             self.send_response(status)
