@@ -15,10 +15,16 @@ trips; ``usage_charge`` is the same engine with one event. Guarantees:
   locked, in primary-key order, before anything is decided);
 - each event is all-or-nothing: one that does not fit is stored as
   ``rejected`` and charges nothing, the others in the batch still charge.
+
+A single event without a reservation takes the fast path: the PostgreSQL
+function of migration 0005 does the same work in one statement (one round
+trip, locks held only for it and its commit) and hands back to this engine,
+having written nothing, whenever it would differ (tests/billing/test_hot_path.py).
 """
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import json
 from collections import defaultdict
@@ -47,6 +53,10 @@ from billing.numbers import ZERO, round_credits
 from billing.services.ledger import Movement, append_entries
 
 OK_STATUS = {UsageEvent.Status.CHARGED: 201, UsageEvent.Status.REJECTED: 402}
+# A single event without a reservation is charged by the database function of
+# migration 0005 in one round trip (see ``_charge_one_in_database``). The
+# differential test turns this off to run the Python engine on the same scenarios.
+FAST_PATH = True
 
 
 @dataclass
@@ -138,6 +148,35 @@ def _rejection(code: str, message: str, details: dict) -> dict:
     return {"error": {"code": code, "message": message, "details": details}}
 
 
+def _insufficient(event_id: str, credits: Decimal, available: Decimal) -> ChargeResult:
+    shown = round_credits(max(available, ZERO))  # "0.000000", never "0", for an empty wallet
+    body = _rejection("insufficient_credits", f"The wallet has {shown} credits available; this event needs {credits}.",
+                      {"required": str(credits), "available": str(shown), "event_id": event_id})
+    return ChargeResult(event_id=event_id, status="rejected", http_status=402, body=body, credits=credits,
+                        error=body["error"])
+
+
+def _paused(event_id: str, credits: Decimal, paused_reason: str) -> ChargeResult:
+    body = _rejection("insufficient_credits", "The wallet is paused until credits arrive.",
+                      {"required": str(credits), "available": "0.000000", "reason": "wallet_paused",
+                       "paused_reason": paused_reason, "event_id": event_id})
+    return ChargeResult(event_id=event_id, status="rejected", http_status=402, body=body, credits=credits,
+                        error=body["error"])
+
+
+def _charged(event_id: str, credits: Decimal, allocations: list[tuple[int, Decimal]], over: Decimal,
+             available_after: Decimal, ledger_after: Decimal) -> ChargeResult:
+    body = {
+        "event_id": event_id,
+        "status": "charged",
+        "credits": str(credits),
+        "allocations": [{"grant": grant_id, "amount": str(take)} for grant_id, take in allocations]
+        + ([{"grant": None, "amount": str(over), "overage": True}] if over > 0 else []),
+        "balance": {"available": str(available_after), "ledger_balance": str(ledger_after)},
+    }
+    return ChargeResult(event_id=event_id, status="charged", http_status=201, body=body, credits=credits)
+
+
 def usage_charge(request: ChargeRequest, *, now: datetime | None = None) -> ChargeResult:
     """Charge one usage event (see the module docstring for the guarantees)."""
     return usage_charge_many([request], now=now)[0]
@@ -156,6 +195,10 @@ def usage_charge_many(requests: list[ChargeRequest], *, now: datetime | None = N
     hashes = [request_hash(r) for r in requests]  # before defaulting: an omitted occurred_at is part of the payload
     for request in requests:
         request.occurred_at = request.occurred_at or now
+    if FAST_PATH and len(requests) == 1:
+        result = _charge_one_in_database(requests[0], hashes[0], now)
+        if result is not None:
+            return [result]
     results: list[ChargeResult | None] = [None] * len(requests)
 
     with transaction.atomic():
@@ -180,11 +223,7 @@ def usage_charge_many(requests: list[ChargeRequest], *, now: datetime | None = N
             seen[key] = i
             rate = _pick_rate(rates, request)
             if rate is None:
-                results[i] = _invalid(
-                    request.event_id,
-                    f"Feature {request.feature.key!r} has no credit cost effective at {request.occurred_at.isoformat()}.",
-                    {"occurred_at": "no credit cost is effective at this time"},
-                )
+                results[i] = _no_rate(request)
                 continue
             todo.append(i)
             request._rate = rate  # type: ignore[attr-defined]
@@ -202,6 +241,44 @@ def usage_charge_many(requests: list[ChargeRequest], *, now: datetime | None = N
     return results  # type: ignore[return-value]
 
 
+def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -> ChargeResult | None:
+    """Charge one event through ``creditdesk_usage_charge`` (migration 0005): the same
+    locks, decisions and rows as the Python engine, in one statement, so that in
+    autocommit the grant and wallet locks are held only for that statement and its
+    commit. Returns None, having written nothing, when the Python engine must decide
+    (a reservation, a balance-crossing hook to call, a product Python would round)."""
+    quantity = request.quantity
+    if (request.reservation_id is not None or not isinstance(quantity, Decimal) or not quantity.is_finite()
+            or timezone.is_naive(request.occurred_at)):
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT * FROM creditdesk_usage_charge(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
+            [request.customer.pk, request.wallet_id, request.feature.pk, request.event_id, quantity,
+             request.occurred_at, json.dumps(request.properties), hash_, now, timezone.now(),
+             decimal.getcontext().prec],
+        )
+        (outcome, credits, available, ledger_after, grant_ids, takes, over, paused_reason, prior_status,
+         prior_response, prior_credits, prior_hash_matches) = cursor.fetchone()
+    event_id = request.event_id
+    if outcome == "charged":
+        return _charged(event_id, credits, list(zip(grant_ids, takes, strict=True)), over, available - credits,
+                        ledger_after)
+    if outcome == "rejected":
+        return _insufficient(event_id, credits, available)
+    if outcome == "duplicate":
+        if not prior_hash_matches:
+            return _conflict(event_id)
+        body = _in_answer_order(json.loads(prior_response))
+        return ChargeResult(event_id=event_id, status="duplicate", http_status=OK_STATUS[prior_status],
+                            body=body, credits=prior_credits, error=body.get("error"))
+    if outcome == "paused":
+        return _paused(event_id, credits, paused_reason)
+    if outcome == "no_rate":
+        return _no_rate(request)
+    return None
+
+
 def _existing_events(requests: list[ChargeRequest]) -> dict[tuple[int, str], UsageEvent]:
     by_customer: dict[int, set[str]] = defaultdict(set)
     for r in requests:
@@ -217,16 +294,46 @@ def _existing_events(requests: list[ChargeRequest]) -> dict[tuple[int, str], Usa
 def _replay(prior: UsageEvent, hash_: str, event_id: str) -> ChargeResult:
     if prior.request_hash != hash_:
         return _conflict(event_id)
+    body = _in_answer_order(prior.response)
     return ChargeResult(
-        event_id=event_id, status="duplicate", http_status=OK_STATUS[prior.status], body=prior.response,
-        credits=prior.credits, error=prior.response.get("error"),
+        event_id=event_id, status="duplicate", http_status=OK_STATUS[prior.status], body=body,
+        credits=prior.credits, error=body.get("error"),
     )
+
+
+# The key order of a first answer, per enclosing key. A stored answer comes back from
+# jsonb in jsonb's own key order; a replay restores this one, byte-for-byte the same.
+_ANSWER_ORDER = {
+    None: ("event_id", "status", "credits", "allocations", "balance", "error"),
+    "allocations": ("grant", "amount", "overage"),
+    "balance": ("available", "ledger_balance"),
+    "error": ("code", "message", "details"),
+    "details": ("required", "available", "reason", "paused_reason", "event_id"),
+}
+
+
+def _in_answer_order(value, parent: str | None = None):
+    if isinstance(value, dict):
+        order = _ANSWER_ORDER.get(parent, ())
+        keys = sorted(value, key=lambda k: order.index(k) if k in order else len(order))
+        return {key: _in_answer_order(value[key], key) for key in keys}
+    if isinstance(value, list):
+        return [_in_answer_order(item, parent) for item in value]
+    return value
 
 
 def _conflict(event_id: str) -> ChargeResult:
     body = _rejection("idempotency_conflict", f"Event {event_id!r} was already received with a different payload.",
                       {"event_id": event_id})
     return ChargeResult(event_id=event_id, status="conflict", http_status=409, body=body, error=body["error"])
+
+
+def _no_rate(request: ChargeRequest) -> ChargeResult:
+    return _invalid(
+        request.event_id,
+        f"Feature {request.feature.key!r} has no credit cost effective at {request.occurred_at.isoformat()}.",
+        {"occurred_at": "no credit cost is effective at this time"},
+    )
 
 
 def _invalid(event_id: str, message: str, details: dict) -> ChargeResult:
@@ -287,11 +394,7 @@ def _charge(requests, hashes, todo, results, now) -> None:
         available = usable_total - wallet_held + borrow
         first_available.setdefault(wallet.pk, available)
         if wallet.status == Wallet.Status.PAUSED:
-            body = _rejection("insufficient_credits", "The wallet is paused until credits arrive.",
-                              {"required": str(credits), "available": "0.000000", "reason": "wallet_paused",
-                               "paused_reason": wallet.paused_reason, "event_id": request.event_id})
-            results[i] = ChargeResult(event_id=request.event_id, status="rejected", http_status=402, body=body,
-                                      credits=credits, error=body["error"])
+            results[i] = _paused(request.event_id, credits, wallet.paused_reason)
             continue
         event = UsageEvent(
             customer=request.customer, wallet_id=wallet.pk, feature=request.feature, event_id=request.event_id,
@@ -301,13 +404,8 @@ def _charge(requests, hashes, todo, results, now) -> None:
         )
         if credits > available:
             event.status = UsageEvent.Status.REJECTED
-            body = _rejection("insufficient_credits",
-                              f"The wallet has {max(available, ZERO)} credits available; this event needs {credits}.",
-                              {"required": str(credits), "available": str(max(available, ZERO)),
-                               "event_id": request.event_id})
-            event.response = body
-            results[i] = ChargeResult(event_id=request.event_id, status="rejected", http_status=402, body=body,
-                                      credits=credits, error=body["error"])
+            results[i] = _insufficient(request.event_id, credits, available)
+            event.response = results[i].body
             new_events.append(event)
             continue
 
@@ -343,16 +441,9 @@ def _charge(requests, hashes, todo, results, now) -> None:
         ledger_after = wallet.ledger_balance + sum(
             (m.amount for _, m in movements_by_wallet[wallet.pk]), ZERO)
         event.status = UsageEvent.Status.CHARGED
-        event.response = {
-            "event_id": request.event_id,
-            "status": "charged",
-            "credits": str(credits),
-            "allocations": [{"grant": g.pk, "amount": str(take)} for g, take in allocations]
-            + ([{"grant": None, "amount": str(over), "overage": True}] if over > 0 else []),
-            "balance": {"available": str(available - credits), "ledger_balance": str(ledger_after)},
-        }
-        results[i] = ChargeResult(event_id=request.event_id, status="charged", http_status=201, body=event.response,
-                                  credits=credits)
+        results[i] = _charged(request.event_id, credits, [(g.pk, take) for g, take in allocations], over,
+                              available - credits, ledger_after)
+        event.response = results[i].body
         last_available[wallet.pk] = available - credits
         new_events.append(event)
 
@@ -368,10 +459,11 @@ def _charge(requests, hashes, todo, results, now) -> None:
             movement.usage_event_id = new_events[event_index].pk
             movements.append(movement)
         append_entries(wallet=wallets[wallet_id], movements=movements, overage_delta=overage_by_wallet[wallet_id])
-    captured = [r for r in reservations.values() if r.status == Reservation.Status.CAPTURED]
+    # Only holds captured by this call: one captured earlier was answered 409 above.
+    capturing = {e.reservation_id: e for e in new_events if e.reservation_id and e.status == UsageEvent.Status.CHARGED}
+    captured = [r for r in reservations.values() if r.pk in capturing]
     for reservation in captured:
-        event = next(e for e in new_events if e.reservation_id == reservation.pk)
-        reservation.usage_event_id = event.pk
+        reservation.usage_event_id = capturing[reservation.pk].pk
     if captured:
         Reservation.objects.bulk_update(captured, ["status", "closed_at", "usage_event"])
     for wallet_id, after in last_available.items():
