@@ -48,10 +48,11 @@ class PublicDocsView(SpectacularSwaggerView):
 
 urlpatterns = [
     path("customers", CustomerCreateApi.as_view(), name="api-customers"),
-    path("customers/<str:external_id>", CustomerDetailApi.as_view(), name="api-customer"),
-    path("customers/<str:external_id>/balance", CustomerBalanceApi.as_view(), name="api-customer-balance"),
-    path("customers/<str:external_id>/ledger", CustomerLedgerApi.as_view(), name="api-customer-ledger"),
-    path("customers/<str:external_id>/grants", CustomerGrantsApi.as_view(), name="api-customer-grants"),
+    # external_id may contain "/" (sent as %2F): the suffixed routes come first.
+    path("customers/<path:external_id>/balance", CustomerBalanceApi.as_view(), name="api-customer-balance"),
+    path("customers/<path:external_id>/ledger", CustomerLedgerApi.as_view(), name="api-customer-ledger"),
+    path("customers/<path:external_id>/grants", CustomerGrantsApi.as_view(), name="api-customer-grants"),
+    path("customers/<path:external_id>", CustomerDetailApi.as_view(), name="api-customer"),
     path("grants/<rowid:grant_id>/void", GrantVoidApi.as_view(), name="api-grant-void"),
     path("features", FeaturesApi.as_view(), name="api-features"),
     path("features/<str:key>/costs", FeatureCostCreateApi.as_view(), name="api-feature-costs"),

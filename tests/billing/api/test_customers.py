@@ -24,6 +24,12 @@ def test_create_customer_with_default_wallet_then_get_it(usage_api, read_api):
     assert_error(read_api.get("/api/v1/customers/nobody"), 404, "not_found")
 
 
+def test_external_ids_with_slashes_are_addressable(admin_api):
+    assert admin_api.post("/api/v1/customers", {"external_id": "org/42", "name": "Org"})[0] == 201
+    assert admin_api.get("/api/v1/customers/org%2F42")[1]["external_id"] == "org/42"
+    assert admin_api.get("/api/v1/customers/org/42/balance")[1]["customer"] == "org/42"
+
+
 def test_existing_external_id_is_409_conflict(admin_api):
     make_customer("acme")
     assert_error(admin_api.post("/api/v1/customers", {"external_id": "acme", "name": "Again"}), 409, "conflict")

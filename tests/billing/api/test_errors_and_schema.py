@@ -1,5 +1,6 @@
 import pytest
 import yaml
+from django.core.management import call_command
 from django.test import Client
 
 from billing.errors import Conflict
@@ -7,7 +8,7 @@ from tests.billing.api.conftest import assert_error
 
 
 @pytest.mark.parametrize("path", ["/api/v1/nothing", "/api/v1/usage/", "/api/v2/usage", "/api/",
-                                  "/api/v1/customers/a/b/c", "/api/v1/reservations/abc"])
+                                  "/api/v1/grants/abc/void", "/api/v1/reservations/abc"])
 def test_unknown_api_urls_are_404_in_the_envelope(usage_api, path):
     assert_error(usage_api.get(path), 404, "not_found")
     assert_error(usage_api.post(path, {}), 404, "not_found")
@@ -16,6 +17,11 @@ def test_unknown_api_urls_are_404_in_the_envelope(usage_api, path):
 def test_unknown_customer_paths_never_reach_the_database_badly(read_api):
     for external_id in ("%00", "x" * 5000, "%ED%A0%80"):
         assert_error(read_api.get(f"/api/v1/customers/{external_id}/balance"), 404, "not_found")
+
+
+def test_options_and_head_are_answered(read_api):
+    assert read_api._send("options", "/api/v1/usage")[0] == 200
+    assert read_api.client.head("/api/v1/customers/nobody").status_code == 404
 
 
 def test_wrong_method_is_405_in_the_envelope(usage_api, read_api):
@@ -61,3 +67,9 @@ def test_schema_and_docs_are_public_and_describe_every_endpoint():
     assert {"201", "400", "401", "402", "403", "404", "409"} <= set(usage)
     docs = client.get("/api/v1/docs/")
     assert docs.status_code == 200 and b"swagger" in docs.content.lower()
+
+
+@pytest.mark.django_db
+def test_schema_validates_without_warnings(tmp_path):
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
+    assert "/api/v1/usage/batch" in (tmp_path / "schema.yaml").read_text()
