@@ -112,8 +112,13 @@ def admin_link(obj: models.Model | None, label: str | None = None) -> str:
     """A link to ``obj``'s admin change page (or '-')."""
     if obj is None:
         return "-"
-    url = reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_change", args=[obj.pk])
-    return format_html('<a href="{}">{}</a>', url, label if label is not None else str(obj))
+    return pk_link(type(obj), obj.pk, label if label is not None else str(obj))
+
+
+def pk_link(model: type[models.Model], pk, label: str) -> str:
+    """A link to a row's change page from its id alone (no query)."""
+    url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_change", args=[pk])
+    return format_html('<a href="{}">{}</a>', url, label)
 
 
 def _short(value) -> str:

@@ -16,11 +16,20 @@ from billing.admin.base import (
     AuditHistoryMixin,
     BillingModelAdmin,
     admin_link,
+    pk_link,
     render_form_page,
     run_service,
 )
 from billing.forms import SellPackForm
-from billing.models import CreditPack, Feature, FeatureCost, PackDiscountTier, PackPurchase, UsageEvent
+from billing.models import (
+    CreditGrant,
+    CreditPack,
+    Feature,
+    FeatureCost,
+    PackDiscountTier,
+    PackPurchase,
+    UsageEvent,
+)
 from billing.services.packs import pack_price, pack_purchase
 
 PRICING_FIELDS = ("feature", "customer", "credits_per_unit", "effective_from")
@@ -147,7 +156,7 @@ class PackPurchaseAdmin(AuditHistoryMixin, BillingModelAdmin):
 
     @admin.display(description="grant")
     def grant_link(self, obj):
-        return admin_link(obj.grant, f"#{obj.grant_id}") if obj.grant_id else "-"
+        return pk_link(CreditGrant, obj.grant_id, f"#{obj.grant_id}") if obj.grant_id else "-"
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         if request.method == "POST":

@@ -18,6 +18,7 @@ from billing.admin.base import (
     Operation,
     OperationsMixin,
     admin_link,
+    pk_link,
     render_form_page,
     run_service,
 )
@@ -238,7 +239,7 @@ class AdjustmentAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
 
     @admin.display(description="grant")
     def grant_link(self, obj):
-        return admin_link(obj.grant, f"#{obj.grant_id}") if obj.grant_id else "-"
+        return pk_link(CreditGrant, obj.grant_id, f"#{obj.grant_id}") if obj.grant_id else "-"
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra_context = dict(extra_context or {})
