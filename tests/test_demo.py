@@ -1,0 +1,119 @@
+"""The demo data (``make run``): loads once, tells its story, keeps every ledger whole."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.apps import apps
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.db import transaction
+from django.db.models import Max, Min
+from django.utils import timezone
+
+from billing.management.commands.seed_demo import DEMO_API_KEY, DEMO_CUSTOMERS, DEMO_STAFF
+from billing.models import (
+    CreditGrant,
+    Customer,
+    FeatureCost,
+    LedgerEntry,
+    PackPurchase,
+    Reservation,
+    UsageEvent,
+)
+from tests.conftest import assert_ledger_consistent
+
+pytestmark = pytest.mark.django_db
+
+
+def _row_counts() -> dict[str, int]:
+    models = [*apps.get_app_config("billing").get_models(), get_user_model()]
+    return {model._meta.label: model.objects.count() for model in models}
+
+
+@pytest.fixture(scope="module")
+def _seeded(django_db_setup, django_db_blocker):
+    """Seed once for the module (it takes a while), inside a transaction rolled back at its end."""
+    with django_db_blocker.unblock(), transaction.atomic():
+        call_command("seed_demo", stdout=StringIO())
+        yield
+        transaction.set_rollback(True)
+
+
+@pytest.fixture
+def demo(_seeded, db):
+    return None
+
+
+def test_seed_twice_changes_nothing(demo):
+    before = _row_counts()
+    second = StringIO()
+    call_command("seed_demo", stdout=second)
+    assert _row_counts() == before
+    assert "already loaded" in second.getvalue()
+    assert before["billing.UsageEvent"] > 2000
+
+
+def test_every_demo_ledger_is_consistent(demo):
+    for customer in Customer.objects.filter(external_id__in=DEMO_CUSTOMERS):
+        for wallet in customer.wallets.all():
+            assert_ledger_consistent(wallet)
+
+
+def test_the_story_is_there(demo):
+    now = timezone.now()
+    acme, nova, pixel = (Customer.objects.get(external_id=key) for key in ("acme", "novalabs", "pixelforge"))
+
+    # ~60 days of usage, priced by two rate-card versions of gpt-tokens and Acme's override.
+    span = UsageEvent.objects.aggregate(first=Min("occurred_at"), last=Max("occurred_at"))
+    assert span["last"] - span["first"] > timedelta(days=55)
+    assert FeatureCost.objects.filter(feature__key="gpt-tokens", customer__isnull=True).count() == 2
+    assert UsageEvent.objects.filter(customer=acme, feature__key="gpt-tokens").values("credits_per_unit") \
+        .distinct().count() == 1
+    assert UsageEvent.objects.filter(customer=pixel, feature__key="gpt-tokens").values("credits_per_unit") \
+        .distinct().count() == 2
+
+    # The startup: a prepaid pack on a block wallet, an expired promo, a refusal, a discounted top-up.
+    assert pixel.wallets.get().policy == "block"
+    assert PackPurchase.objects.filter(customer=pixel, pack__code="growth-50k").exists()
+    assert PackPurchase.objects.get(customer=pixel, pack__code="starter-10k").discount_percent > 0
+    assert LedgerEntry.objects.filter(wallet__customer=pixel, type=LedgerEntry.Type.EXPIRY).exists()
+    assert UsageEvent.objects.filter(customer=pixel, status=UsageEvent.Status.REJECTED).exists()
+
+    # The trial: promotional credits only, expiring within days.
+    trial = CreditGrant.objects.get(wallet__customer=nova)
+    assert trial.kind == "promotional" and trial.status == "active" and 0 < trial.remaining < 500
+    assert now < trial.expires_at < now + timedelta(days=7)
+
+    # The enterprise: one pooled overdraft wallet, three teams, overage, a hold, a grant awaiting approval.
+    wallet = acme.wallets.get()
+    assert wallet.policy == "overdraft" and wallet.credit_limit > 0 and wallet.overage > 0
+    teams = set(UsageEvent.objects.filter(customer=acme).values_list("properties__team", flat=True))
+    assert teams == {"research", "product", "support"}
+    pending = CreditGrant.objects.get(wallet=wallet, status=CreditGrant.Status.PENDING_APPROVAL)
+    assert pending.requested_by.username == "finance"
+    assert Reservation.objects.filter(wallet=wallet, status="open", expires_at__gt=now).count() == 1
+    assert Reservation.objects.filter(wallet=wallet, status="captured").exists()
+
+    # History carries its own dates, not the seeding moment.
+    oldest = LedgerEntry.objects.filter(wallet=wallet).order_by("sequence").first()
+    assert oldest.created_at < now - timedelta(days=55)
+
+
+def test_demo_logins_work_and_the_admin_renders(demo, client):
+    out = StringIO()
+    call_command("ensure_demo_admin", stdout=out)
+    assert "admin / creditdesk-demo" in out.getvalue()
+    assert client.login(username="admin", password="creditdesk-demo")
+    for url in ("/admin/", "/admin/billing/customer/", "/admin/billing/ledgerentry/", "/admin/billing/jobrun/"):
+        assert client.get(url).status_code == 200, url
+    for username in DEMO_STAFF:
+        assert client.login(username=username, password="creditdesk-demo"), username
+
+
+def test_demo_api_key_reads_a_balance(demo, client):
+    response = client.get("/api/v1/customers/novalabs/balance", HTTP_AUTHORIZATION=f"Bearer {DEMO_API_KEY}")
+    assert response.status_code == 200, response.content
+    assert response.json()["by_kind"]["promotional"] == str(CreditGrant.objects.get(wallet__customer__external_id="novalabs").remaining)
