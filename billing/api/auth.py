@@ -9,8 +9,9 @@ of them: 403 ``forbidden``. A view that declares nothing for a method needs
 
 from __future__ import annotations
 
+from django.conf import settings
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from rest_framework import authentication, exceptions, permissions
+from rest_framework import authentication, exceptions, permissions, throttling
 
 from billing.models import ApiKey
 from billing.services.api_keys import VerifiedKey, api_key_verify
@@ -66,6 +67,21 @@ class HasScope(permissions.BasePermission):
             return True
         self.message = f"This API key lacks the scope for this operation (needs one of: {', '.join(needed)})."
         return False
+
+
+class ApiKeyRateThrottle(throttling.SimpleRateThrottle):
+    """Per-key request rate, ``CREDITDESK_API_RATE_LIMIT`` (e.g. ``"6000/minute"``;
+    unset: no limit). Counted in the Django cache, so per process unless CACHES
+    points at a shared cache. Over the limit: 429 ``rate_limited`` with Retry-After."""
+
+    scope = "api_key"
+
+    def get_rate(self) -> str | None:
+        return getattr(settings, "CREDITDESK_API_RATE_LIMIT", None) or None
+
+    def get_cache_key(self, request, view) -> str | None:
+        key = request.auth
+        return f"throttle:api-key:{key.id}" if isinstance(key, VerifiedKey) else None
 
 
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):

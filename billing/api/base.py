@@ -5,6 +5,7 @@ from __future__ import annotations
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework.views import APIView
 
+from billing.api.auth import ApiKeyRateThrottle
 from billing.api.inputs import MAX_ID_LENGTH, DecimalJSONParser, storable
 from billing.api.serializers import ErrorSerializer
 from billing.errors import InvalidRequest, NotFound
@@ -19,6 +20,7 @@ class ApiView(APIView):
     """Base view: exact-decimal JSON in, JSON out; ``scopes`` maps method → accepted scopes."""
 
     parser_classes = [DecimalJSONParser]
+    throttle_classes = [ApiKeyRateThrottle]
     scopes: dict[str, tuple[str, ...]] = {}
 
     def actor_label(self) -> str:
@@ -26,12 +28,12 @@ class ApiView(APIView):
 
 
 def errors(*statuses: int) -> dict[int, OpenApiResponse]:
-    """OpenAPI responses for the error envelope under ``statuses`` (401 and 403 always)."""
+    """OpenAPI responses for the error envelope under ``statuses`` (401, 403 and 429 always)."""
     described = {400: "Invalid request (details name the field)", 401: "No, unknown or revoked API key",
                  402: "Insufficient credits", 403: "The key lacks the scope", 404: "Not found",
-                 409: "Conflict or idempotency conflict"}
+                 409: "Conflict or idempotency conflict", 429: "rate_limited: over the key's request rate"}
     return {status: OpenApiResponse(ErrorSerializer, description=described.get(status, "Error"))
-            for status in sorted({401, 403, *statuses})}
+            for status in sorted({401, 403, 429, *statuses})}
 
 
 def customer_wallet(external_id: str) -> Wallet:

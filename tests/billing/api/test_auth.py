@@ -1,7 +1,9 @@
 import hashlib
 
 import pytest
+from django.core.cache import cache
 from django.core.management import call_command
+from django.test import override_settings
 
 from billing.models import ApiKey
 from billing.services.api_keys import api_key_create, api_key_revoke
@@ -74,3 +76,18 @@ def test_last_used_is_recorded_without_a_write_per_request():
     api.get("/api/v1/customers/acme")
     assert ApiKey.objects.get(pk=api_key.pk).last_used_at == first
 
+
+
+@pytest.mark.django_db
+@override_settings(CREDITDESK_API_RATE_LIMIT="2/minute")
+def test_a_key_over_its_rate_limit_gets_429_rate_limited():
+    cache.clear()
+    make_customer("acme")
+    _, raw_key = api_key_create(name="busy", scopes=["balance:read"])
+    api = Api(raw_key)
+    assert [api.get("/api/v1/customers/acme")[0] for _ in range(2)] == [200, 200]
+    response = api.client.get("/api/v1/customers/acme")
+    assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limited"
+    assert int(response["Retry-After"]) > 0
+    _, other_key = api_key_create(name="calm", scopes=["balance:read"])
+    assert Api(other_key).get("/api/v1/customers/acme")[0] == 200
