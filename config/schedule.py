@@ -4,7 +4,8 @@
 django-celery-beat's tables, where the DatabaseScheduler reads it and staff see
 each job under *Periodic tasks* in the admin. A job a staff member paused there
 (``enabled`` unticked) stays paused across syncs; everything else — task,
-interval, description — follows this file. Other apps add their jobs here.
+interval, description — follows this file. Other apps declare their jobs in
+their own ``schedule.py`` and are listed in ``_all_jobs``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ScheduledJob:
     expires_after: timedelta | None = None
 
 
-SCHEDULE: tuple[ScheduledJob, ...] = (
+BILLING_JOBS: tuple[ScheduledJob, ...] = (
     ScheduledJob(
         name="Expire grants past their expiry",
         task="billing.tasks.grants_expire_due",
@@ -48,3 +49,12 @@ SCHEDULE: tuple[ScheduledJob, ...] = (
         expires_after=timedelta(minutes=2),
     ),
 )
+
+
+def _all_jobs() -> tuple[ScheduledJob, ...]:
+    from alerts.schedule import jobs as alerts_jobs
+
+    return BILLING_JOBS + tuple(alerts_jobs())
+
+
+SCHEDULE: tuple[ScheduledJob, ...] = _all_jobs()
