@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.db.models import prefetch_related_objects
 from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 
@@ -90,6 +91,7 @@ class CustomerBalanceApi(ApiView):
     def get(self, request, external_id: str):
         wallet = customer_wallet(external_id)
         balance = wallet_balance(wallet)
+        prefetch_related_objects(balance.grants, "feature")
         by_kind = {kind: ZERO for kind in CreditGrant.Kind.values}
         by_kind.update(balance.by_kind)
         return Response(BalanceSerializer({

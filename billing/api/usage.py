@@ -20,7 +20,7 @@ from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework.response import Response
 
 from billing.api import inputs
-from billing.api.base import USAGE_WRITE, ApiView, active_feature, customer_wallet, errors
+from billing.api.base import BALANCE_READ, USAGE_WRITE, ApiView, active_feature, customer_wallet, errors
 from billing.api.serializers import (
     ErrorSerializer,
     UsageBatchInput,
@@ -230,9 +230,9 @@ def _event_id_of(raw) -> str | None:
 class UsageCheckApi(ApiView):
     """Would this usage be allowed now? Prices it like a charge (same body without
     ``event_id``) and compares with the available balance; charges nothing
-    (scope ``usage:write``)."""
+    (scope ``usage:write`` or ``balance:read``: it only reads)."""
 
-    scopes = {"POST": (USAGE_WRITE,)}
+    scopes = {"POST": (USAGE_WRITE, BALANCE_READ)}
 
     @extend_schema(operation_id="usage_check", request=UsageCheckInput,
                    responses={200: UsageCheckSerializer, **errors(400, 404)})

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 from django.core.management import call_command
-from django.test import Client
+from django.test import Client, override_settings
+from django.urls import path
 
 from billing.errors import Conflict
 from tests.billing.api.conftest import assert_error
@@ -37,6 +38,23 @@ def test_unexpected_errors_are_a_logged_500_envelope(usage_api, monkeypatch, cap
     monkeypatch.setattr("billing.api.usage.parse_usage", explode)
     assert_error(usage_api.post("/api/v1/usage", {}), 500, "internal_error")
     assert "boom" in caplog.text
+
+
+def _plain_django_view_that_fails(request):
+    raise RuntimeError("outside DRF")
+
+
+urlpatterns = [path("api/v1/boom", _plain_django_view_that_fails)]
+
+
+@pytest.mark.django_db
+@override_settings(ROOT_URLCONF=__name__)
+def test_exceptions_outside_drf_views_get_the_500_envelope(caplog):
+    client = Client(raise_request_exception=False)
+    response = client.get("/api/v1/boom")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "outside DRF" in caplog.text
 
 
 def test_billing_errors_keep_their_code_and_status(admin_api, monkeypatch):
