@@ -137,7 +137,10 @@ def form_changes(form) -> dict[str, str]:
         field = form.fields.get(name)
         if isinstance(field, forms.ModelChoiceField) and old is not None and not isinstance(old, models.Model):
             old = field.queryset.filter(pk=old).first() or old
-        changes[name] = f"{_short(old)} → {_short(form.cleaned_data.get(name))}"
+        new = form.cleaned_data.get(name)
+        if old == new or _short(old) == _short(new):
+            continue  # e.g. a JSON textarea re-posting the same value
+        changes[name] = f"{_short(old)} → {_short(new)}"
     return changes
 
 

@@ -72,3 +72,23 @@ def test_ledger_changelist_query_bound(staff_client, django_assert_max_num_queri
     assert response.status_code == 200
     assert len(response.context["cl"].result_list) == 50
     assert "more than" not in response.content.decode()  # 90+ rows, counted exactly within the look-ahead
+
+
+def test_big_ledger_is_never_counted_whole(staff_client, monkeypatch):
+    from django.contrib import admin as django_admin
+
+    from billing.models import LedgerEntry
+
+    client = staff_client("auditor")
+    feature = make_feature("qc-call", "1")
+    pack = CreditPackFactory(code="qc-pack")
+    add_rows(10, start=0, feature=feature, pack=pack, user=client.user)
+    monkeypatch.setattr(django_admin.site._registry[LedgerEntry], "list_per_page", 2)
+    with CaptureQueriesContext(connection) as ctx:
+        response = client.get(reverse("admin:billing_ledgerentry_changelist"))
+    counts = [q["sql"] for q in ctx.captured_queries if "COUNT(" in q["sql"].upper()]
+    assert counts and all("LIMIT 23" in sql for sql in counts), counts
+    assert response.context["cl"].paginator.count_is_capped
+    assert "more than 22" in response.content.decode()
+    last = client.get(reverse("admin:billing_ledgerentry_changelist"), {"p": "15"})
+    assert last.status_code == 200 and len(last.context["cl"].result_list) == 2
