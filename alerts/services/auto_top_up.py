@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from alerts import selectors
 from alerts.models import AutoTopUp, AutoTopUpRun, EventType, Severity
+from alerts.services import evaluation
 from alerts.services.notifications import notify
 from billing.errors import BillingError, Conflict
 from billing.models import CreditGrant, Wallet
@@ -172,12 +173,15 @@ def auto_top_up_payment_failed(*, run_id: int, reason: str = "Payment failed.",
     auto top-up off."""
     now = now or timezone.now()
     with transaction.atomic():
+        # Lock order as billing's: the grant, then the wallet (grant_void), then alerts rows.
+        grant_id = AutoTopUpRun.objects.filter(pk=run_id).values_list("grant_id", flat=True).first()
+        if grant_id is not None and CreditGrant.objects.filter(
+                pk=grant_id, status=CreditGrant.Status.PENDING_PAYMENT).exists():
+            grant_void(grant_id=grant_id, actor_label=ACTOR, reason=reason)
         run = AutoTopUpRun.objects.select_for_update(of=("self",)).select_related("auto_top_up", "wallet",
                                                                                    "wallet__customer").get(pk=run_id)
         if run.status != AutoTopUpRun.Status.AWAITING_PAYMENT:
             raise Conflict(f"Top-up run #{run.pk} is {run.status}, not awaiting payment.")
-        if run.grant_id:
-            grant_void(grant_id=run.grant_id, actor_label=ACTOR, reason=reason)
         run.status = AutoTopUpRun.Status.PAYMENT_FAILED
         run.detail = reason[:255]
         run.finished_at = now
@@ -190,9 +194,13 @@ def auto_top_up_grant_settled(*, grant_id: int, now: datetime | None = None) -> 
     """A top-up's grant became active (payment recorded or finance approved it):
     the run succeeded and the failure count starts again. Idempotent."""
     now = now or timezone.now()
+    run = AutoTopUpRun.objects.filter(grant_id=grant_id).only("wallet_id").first()
+    if run is None:
+        return None
     with transaction.atomic():
-        run = AutoTopUpRun.objects.select_for_update(of=("self",)).filter(grant_id=grant_id).first()
-        if run is None or run.status not in BUSY_STATUSES:
+        lock_wallet(run.wallet_id)  # lock order: wallet, then alerts rows
+        run = AutoTopUpRun.objects.select_for_update(of=("self",)).get(pk=run.pk)
+        if run.status not in BUSY_STATUSES:
             return run
         run.status = AutoTopUpRun.Status.SUCCEEDED
         run.finished_at = now
@@ -213,7 +221,8 @@ def auto_top_up_runs_reconcile(*, now: datetime | None = None) -> int:
 
 
 def auto_top_up_set(*, wallet: Wallet, **fields) -> AutoTopUp:
-    """Create or change a wallet's auto top-up settings (validated with the model's clean())."""
+    """Create or change a wallet's auto top-up settings (validated with the model's clean()),
+    then re-evaluate the wallet so billing watches the new threshold."""
     with transaction.atomic():
         lock_wallet(wallet.pk)
         auto = AutoTopUp.objects.filter(wallet=wallet).first() or AutoTopUp(wallet=wallet)
@@ -224,4 +233,8 @@ def auto_top_up_set(*, wallet: Wallet, **fields) -> AutoTopUp:
             auto.consecutive_failures = 0
         auto.full_clean(exclude=["wallet"])
         auto.save()
+        # New threshold, new marks; a wallet already at or below it breaches now.
+        locked = lock_wallet(wallet.pk)
+        evaluation.wallet_evaluate(wallet=locked, available=selectors.wallet_available(locked, at=timezone.now()),
+                                   now=timezone.now(), cause="settings")
     return auto

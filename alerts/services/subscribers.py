@@ -36,9 +36,9 @@ def on_grant_activated(topic: str, payload: dict) -> None:
     if grant is None:
         return
     now = timezone.now()
+    if grant.source == CreditGrant.Source.AUTO_TOP_UP:
+        auto_top_up_grant_settled(grant_id=grant.pk, now=now)
     with transaction.atomic():
-        if grant.source == CreditGrant.Source.AUTO_TOP_UP:
-            auto_top_up_grant_settled(grant_id=grant.pk, now=now)
         if grant.source in TOPPED_UP_SOURCES:
             wallet = grant.wallet
             data = wallet_payload(wallet, available=_available(wallet, now), now=now)
