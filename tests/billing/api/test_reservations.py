@@ -1,11 +1,14 @@
+import threading
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from billing.models import Reservation
-from tests.billing.api.conftest import assert_error
+from billing.services.api_keys import api_key_create
+from tests.billing.api.conftest import Api, assert_error
 from tests.factories import funded_wallet, make_feature
 
 
@@ -112,3 +115,28 @@ def test_capturing_an_expired_hold_is_409_conflict_and_charges_nothing(usage_api
                                 {"amount": "5", "event_id": "late"}), 409, "conflict")
     wallet.refresh_from_db()
     assert wallet.ledger_balance == Decimal("100")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_same_hold_request_from_8_threads_holds_once():
+    wallet = funded_wallet("100")
+    _, raw_key = api_key_create(name="race", scopes=["usage:write"])
+    body = {"customer": wallet.customer.external_id, "amount": "30"}
+    answers, barrier = [], threading.Barrier(8)
+
+    def send():
+        try:
+            api = Api(raw_key)
+            barrier.wait(timeout=10)
+            answers.append(api.post("/api/v1/reservations", body, headers={"Idempotency-Key": "job-7"}))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(answers) == 8 and all(answer == answers[0] for answer in answers)
+    assert answers[0][0] == 201
+    assert Reservation.objects.filter(wallet=wallet).count() == 1
