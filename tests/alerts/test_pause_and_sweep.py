@@ -91,7 +91,7 @@ def test_expiring_soon_per_kind_once_per_grant(mailoutbox):
     grant(wallet, 20, kind="promotional", expires_at=now + timedelta(days=10), price_paid=Decimal(0))
     grant(wallet, 20, kind="promotional", expires_at=now + timedelta(days=2), price_paid=Decimal(0))
 
-    alerts_sweep(now=now)
+    alerts_sweep(now=now + timedelta(minutes=1))
     alerts_sweep(now=now + timedelta(minutes=5))
 
     notices = Notification.objects.filter(event_type="grant.expiring_soon", channel="email")
@@ -99,7 +99,7 @@ def test_expiring_soon_per_kind_once_per_grant(mailoutbox):
         ("prepaid", "40.000000"), ("promotional", "20.000000")]
     mails = [m for m in mailoutbox if "expire on" in m.subject]
     assert len(mails) == 2
-    assert any(f"grant #{prepaid.pk}" in m.body and "in 10 days" in m.body for m in mails)
+    assert any(f"grant #{prepaid.pk}" in m.body and "in 9 days" in m.body for m in mails)
 
 
 def test_days_left_level_from_the_seven_day_burn(feature, mailoutbox):
