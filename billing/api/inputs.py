@@ -53,12 +53,10 @@ def storable(text: str) -> bool:
     return True
 
 
-def body_object(data, *, required: bool = True) -> dict:
-    """The request body as an object (an empty body counts as ``{}`` unless required)."""
+def body_object(data) -> dict:
+    """The request body, which must be a JSON object."""
     if isinstance(data, dict):
         return data
-    if not required and (data is None or data == {} or (hasattr(data, "keys") and not list(data.keys()))):
-        return {}
     raise InvalidRequest("The request body must be a JSON object.", details={"body": "must be a JSON object"})
 
 
@@ -94,20 +92,6 @@ def decimal(data: dict, field: str, *, places: int, maximum: Decimal, allow_zero
         return parse_decimal(value, places=places, maximum=maximum, allow_zero=allow_zero)
     except ValueError as exc:
         raise InvalidRequest(f"{name} {exc}.", details={name: str(exc)}) from None
-
-
-def integer(data: dict, field: str, *, minimum: int, maximum: int, default: int | None = None,
-            name: str | None = None) -> int | None:
-    name = name or field
-    value = data.get(field)
-    if value is None:
-        return default
-    if isinstance(value, Decimal) and value == value.to_integral_value() and abs(value) < 10**18:
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise InvalidRequest(f"{name} must be an integer from {minimum} to {maximum}.",
-                             details={name: f"must be an integer from {minimum} to {maximum}"})
-    return value
 
 
 def timestamp(value, *, name: str) -> datetime:
