@@ -35,7 +35,7 @@ def MoneyField(**kwargs) -> models.DecimalField:  # noqa: N802
 def validate_timezone(value: str) -> None:
     try:
         zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
         raise ValidationError(f"Unknown time zone: {value!r}") from None
 
 
