@@ -3,9 +3,11 @@ balance. Callers hold the wallet's row lock (``locks.lock_wallet``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from decimal import Decimal
 
+from django.db import connection
 from django.db.models import F, Sum
 from django.utils import timezone
 
@@ -62,6 +64,58 @@ def append_entries(*, wallet: Wallet, movements: list[Movement], overage_delta: 
     wallet.last_sequence = sequence
     wallet.overage += overage_delta
     return entries
+
+
+def append_entries_many(appends: list[tuple[Wallet, list[Movement], Decimal]]) -> None:
+    """``append_entries`` for several locked wallets at once: the same entries,
+    sequences, running balances and wallet updates, in one INSERT (wallet by
+    wallet, in the given order) and one UPDATE, whatever the number of wallets."""
+    now = timezone.now()
+    entries = []
+    wallets = []
+    for wallet, movements, overage_delta in appends:
+        if not movements and not overage_delta:
+            continue
+        balance = wallet.ledger_balance
+        sequence = wallet.last_sequence
+        for movement in movements:
+            sequence += 1
+            balance += movement.amount
+            entries.append({
+                "n": len(entries), "wallet_id": wallet.pk, "grant_id": movement.grant.pk if movement.grant else None,
+                "type": movement.type, "amount": str(movement.amount), "sequence": sequence,
+                "balance_after": str(balance), "usage_event_id": movement.usage_event_id,
+                "reservation_id": movement.reservation_id, "reference": movement.reference,
+                "idempotency_key": movement.idempotency_key, "memo": movement.memo,
+            })
+        wallet.ledger_balance = balance
+        wallet.last_sequence = sequence
+        wallet.overage += overage_delta
+        wallets.append({"id": wallet.pk, "ledger_balance": str(balance), "last_sequence": sequence,
+                        "overage_delta": str(overage_delta)})
+    if not wallets:
+        return
+    with connection.cursor() as cursor:
+        if entries:
+            cursor.execute(
+                f"""INSERT INTO {LedgerEntry._meta.db_table} (wallet_id, grant_id, type, amount, sequence, balance_after,
+                        usage_event_id, reservation_id, reference, idempotency_key, memo, created_at)
+                    SELECT wallet_id, grant_id, type, amount, sequence, balance_after, usage_event_id, reservation_id,
+                           reference, idempotency_key, memo, %s
+                      FROM json_to_recordset(%s::json) AS v(n int, wallet_id bigint, grant_id bigint,
+                           type text, amount numeric, sequence bigint, balance_after numeric, usage_event_id bigint,
+                           reservation_id bigint, reference text, idempotency_key text, memo text)
+                     ORDER BY n""",
+                [now, json.dumps(entries)],
+            )
+        cursor.execute(
+            f"""UPDATE {Wallet._meta.db_table} w SET ledger_balance = v.ledger_balance,
+                       last_sequence = v.last_sequence, overage = w.overage + v.overage_delta
+                  FROM json_to_recordset(%s::json) AS v(id bigint, ledger_balance numeric, last_sequence bigint,
+                       overage_delta numeric)
+                 WHERE w.id = v.id""",
+            [json.dumps(wallets)],
+        )
 
 
 def open_holds_total(wallet: Wallet, *, at, exclude_reservation_id: int | None = None) -> Decimal:

@@ -50,7 +50,7 @@ from billing.models import (
     Wallet,
 )
 from billing.numbers import ZERO, round_credits
-from billing.services.ledger import Movement, append_entries
+from billing.services.ledger import Movement, append_entries_many
 
 OK_STATUS = {UsageEvent.Status.CHARGED: 201, UsageEvent.Status.REJECTED: 402}
 # A single event without a reservation is charged by the database function of
@@ -139,8 +139,8 @@ def _lock_event_ids(requests: list[ChargeRequest]) -> None:
     keys = sorted({(r.customer.pk, r.event_id) for r in requests})
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(pg_advisory_xact_lock(c, hashtext(e))) FROM unnest(%s::int[], %s::text[]) AS k(c, e)",
-            [[k[0] for k in keys], [k[1] for k in keys]],
+            "SELECT count(pg_advisory_xact_lock(k.c, hashtext(k.e))) FROM json_to_recordset(%s::json) AS k(c int, e text)",
+            [json.dumps([{"c": c, "e": e} for c, e in keys])],
         )
 
 
@@ -279,19 +279,29 @@ def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -
     return None
 
 
-def _existing_events(requests: list[ChargeRequest]) -> dict[tuple[int, str], UsageEvent]:
-    by_customer: dict[int, set[str]] = defaultdict(set)
-    for r in requests:
-        by_customer[r.customer.pk].add(r.event_id)
-    condition = Q()
-    for customer_id, ids in by_customer.items():
-        condition |= Q(customer_id=customer_id, event_id__in=ids)
-    rows = UsageEvent.objects.filter(condition).only("customer_id", "event_id", "status", "request_hash",
-                                                     "response", "credits")
-    return {(row.customer_id, row.event_id): row for row in rows}
+@dataclass
+class _PriorEvent:
+    status: str
+    request_hash: str
+    response: dict
+    credits: Decimal
 
 
-def _replay(prior: UsageEvent, hash_: str, event_id: str) -> ChargeResult:
+def _existing_events(requests: list[ChargeRequest]) -> dict[tuple[int, str], _PriorEvent]:
+    keys = sorted({(r.customer.pk, r.event_id) for r in requests})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT u.customer_id, u.event_id, u.status, u.request_hash, u.response::text, u.credits"
+            f" FROM {UsageEvent._meta.db_table} u JOIN json_to_recordset(%s::json) AS k(c bigint, e text)"
+            f" ON u.customer_id = k.c AND u.event_id = k.e",
+            [json.dumps([{"c": c, "e": e} for c, e in keys])],
+        )
+        rows = cursor.fetchall()
+    return {(customer_id, event_id): _PriorEvent(status, request_hash, json.loads(response), credits)
+            for customer_id, event_id, status, request_hash, response, credits in rows}
+
+
+def _replay(prior: _PriorEvent, hash_: str, event_id: str) -> ChargeResult:
     if prior.request_hash != hash_:
         return _conflict(event_id)
     body = _in_answer_order(prior.response)
@@ -364,7 +374,7 @@ def _charge(requests, hashes, todo, results, now) -> None:
     for grant in sorted(grant_rows, key=_consumption_key):
         grants_by_wallet[grant.wallet_id].append(grant)
 
-    new_events: list[UsageEvent] = []
+    new_events: list[_NewEvent] = []
     movements_by_wallet: dict[int, list[tuple[int, Movement]]] = defaultdict(list)
     overage_by_wallet: dict[int, Decimal] = defaultdict(lambda: ZERO)
     touched: dict[int, CreditGrant] = {}
@@ -396,12 +406,7 @@ def _charge(requests, hashes, todo, results, now) -> None:
         if wallet.status == Wallet.Status.PAUSED:
             results[i] = _paused(request.event_id, credits, wallet.paused_reason)
             continue
-        event = UsageEvent(
-            customer=request.customer, wallet_id=wallet.pk, feature=request.feature, event_id=request.event_id,
-            quantity=request.quantity, occurred_at=request.occurred_at, properties=request.properties,
-            rate=rate, credits_per_unit=rate.credits_per_unit, credits=credits, request_hash=hashes[i],
-            reservation_id=request.reservation_id, created_at=now,
-        )
+        event = _NewEvent(request, rate, credits, hashes[i])
         if credits > available:
             event.status = UsageEvent.Status.REJECTED
             results[i] = _insufficient(request.event_id, credits, available)
@@ -447,18 +452,26 @@ def _charge(requests, hashes, todo, results, now) -> None:
         last_available[wallet.pk] = available - credits
         new_events.append(event)
 
-    UsageEvent.objects.bulk_create(new_events)
+    _insert_events(new_events, now)
     for grant in touched.values():
         if grant.remaining == 0:
             grant.status = CreditGrant.Status.DEPLETED
     if touched:
-        CreditGrant.objects.bulk_update(list(touched.values()), ["remaining", "status"])
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {CreditGrant._meta.db_table} g SET remaining = v.remaining, status = v.status"
+                f" FROM json_to_recordset(%s::json) AS v(id bigint, remaining numeric, status text) WHERE g.id = v.id",
+                [json.dumps([{"id": g.pk, "remaining": str(g.remaining), "status": g.status}
+                             for g in touched.values()])],
+            )
+    appends = []
     for wallet_id, indexed in movements_by_wallet.items():
         movements = []
         for event_index, movement in indexed:
             movement.usage_event_id = new_events[event_index].pk
             movements.append(movement)
-        append_entries(wallet=wallets[wallet_id], movements=movements, overage_delta=overage_by_wallet[wallet_id])
+        appends.append((wallets[wallet_id], movements, overage_by_wallet[wallet_id]))
+    append_entries_many(appends)
     # Only holds captured by this call: one captured earlier was answered 409 above.
     capturing = {e.reservation_id: e for e in new_events if e.reservation_id and e.status == UsageEvent.Status.CHARGED}
     captured = [r for r in reservations.values() if r.pk in capturing]
@@ -470,6 +483,58 @@ def _charge(requests, hashes, todo, results, now) -> None:
         wallet = wallets[wallet_id]
         if wallet.crosses_alert_mark(first_available[wallet_id], after):
             events.balance_crossed(wallet=wallet, before=first_available[wallet_id], after=after, cause="usage")
+
+
+class _NewEvent:
+    """A usage event to store: what ``_insert_events`` writes in one statement."""
+
+    __slots__ = ("request", "rate", "credits", "request_hash", "status", "response", "pk")
+
+    def __init__(self, request: ChargeRequest, rate: FeatureCost, credits: Decimal, request_hash: str):
+        self.request, self.rate, self.credits, self.request_hash = request, rate, credits, request_hash
+        self.status = ""
+        self.response: dict = {}
+        self.pk: int | None = None
+
+    @property
+    def reservation_id(self) -> int | None:
+        return self.request.reservation_id
+
+
+def _insert_events(new_events: list[_NewEvent], now: datetime) -> None:
+    """One INSERT for every new event, ids assigned in list order (the column
+    conversions are PostgreSQL's own, as for the ORM: numerics rounded to the
+    column's scale, JSON stored as jsonb)."""
+    if not new_events:
+        return
+    rows = [
+        {"n": n, "customer_id": e.request.customer.pk, "wallet_id": e.request.wallet_id,
+         "feature_id": e.request.feature.pk, "event_id": e.request.event_id, "quantity": str(e.request.quantity),
+         "occurred_at": e.request.occurred_at.isoformat(), "properties": e.request.properties, "rate_id": e.rate.pk,
+         "credits_per_unit": str(e.rate.credits_per_unit), "credits": str(e.credits), "status": e.status,
+         "request_hash": e.request_hash, "response": e.response, "reservation_id": e.reservation_id}
+        for n, e in enumerate(new_events)
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""WITH inserted AS (
+                INSERT INTO {UsageEvent._meta.db_table} (customer_id, wallet_id, feature_id, event_id, quantity,
+                    occurred_at, properties, rate_id, credits_per_unit, credits, status, request_hash, response,
+                    reservation_id, created_at)
+                SELECT customer_id, wallet_id, feature_id, event_id, quantity, occurred_at, properties, rate_id,
+                       credits_per_unit, credits, status, request_hash, response, reservation_id, %s
+                  FROM json_to_recordset(%s::json) AS v(n int, customer_id bigint, wallet_id bigint,
+                       feature_id bigint, event_id text, quantity numeric, occurred_at timestamptz, properties jsonb,
+                       rate_id bigint, credits_per_unit numeric, credits numeric, status text, request_hash text,
+                       response jsonb, reservation_id bigint)
+                 ORDER BY n
+                RETURNING id, customer_id, event_id)
+            SELECT id, customer_id, event_id FROM inserted""",
+            [now, json.dumps(rows)],
+        )
+        ids = {(customer_id, event_id): pk for pk, customer_id, event_id in cursor.fetchall()}
+    for event in new_events:
+        event.pk = ids[(event.request.customer.pk, event.request.event_id)]
 
 
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
