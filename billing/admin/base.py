@@ -191,7 +191,8 @@ class AuditHistoryMixin:
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra_context = dict(extra_context or {})
         obj = self.get_object(request, object_id)
-        if obj is not None and self.has_view_or_change_permission(request, obj):
+        if (obj is not None and self.has_view_or_change_permission(request, obj)
+                and request.user.has_perm("billing.view_auditevent")):
             extra_context.setdefault("audit_events", self.audit_history(obj))
         return super().change_view(request, object_id, form_url, extra_context)
 

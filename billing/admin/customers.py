@@ -4,7 +4,7 @@ usage on their pages; the buttons finance uses from there."""
 from __future__ import annotations
 
 from django.contrib import admin
-from django.db.models import Count, Sum
+from django.db.models import Count, OuterRef, Subquery, Sum
 from django.urls import path, reverse
 
 from billing.admin.base import (
@@ -45,15 +45,20 @@ class CustomerAdmin(AuditedAdminMixin, AuditHistoryMixin, BillingModelAdmin):
                     "created_at")
     list_filter = ("currency", "created_at")
     search_fields = ("external_id", "name", "email")
-    date_hierarchy = "created_at"
     ordering = ("name", "id")
     actions = ("bulk_promo_selected",)
     # customer_create records its own audit event.
     audit_adds = False
 
     def get_queryset(self, request):
+        # Correlated subqueries rather than a GROUP BY join, so the changelist's
+        # count stays a plain count of customers.
+        wallets = Wallet.objects.filter(customer=OuterRef("pk")).order_by().values("customer")
         return super().get_queryset(request).annotate(
-            _wallets=Count("wallets"), _ledger=Sum("wallets__ledger_balance"), _overage=Sum("wallets__overage"))
+            _wallets=Subquery(wallets.annotate(n=Count("pk")).values("n")),
+            _ledger=Subquery(wallets.annotate(total=Sum("ledger_balance")).values("total")),
+            _overage=Subquery(wallets.annotate(total=Sum("overage")).values("total")),
+        )
 
     @admin.display(description="wallets", ordering="_wallets")
     def wallet_count(self, obj):

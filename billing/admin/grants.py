@@ -116,10 +116,9 @@ class CreditGrantAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
                     "priority", "effective_at", "expires_at", "requested_by", "approved_by")
     list_display_links = ("id",)
     list_select_related = ("wallet__customer", "requested_by", "approved_by")
-    list_filter = (ApprovalQueueFilter, "status", "kind", "source", ExpiryFilter, "feature")
+    list_filter = (ApprovalQueueFilter, "status", "kind", "source", ExpiryFilter, "created_at", "feature")
     search_fields = ("wallet__customer__external_id", "wallet__customer__name", "reason")
     search_help_text = "Customer external id or name, or words of the reason."
-    date_hierarchy = "created_at"
     ordering = ("-created_at", "-id")
     readonly_fields = ("wallet_link", "kind", "source", "status", "original_amount", "remaining",
                        "per_unit_cost_basis", "price_paid", "currency", "effective_at", "expires_at", "priority",

@@ -108,3 +108,30 @@ def test_index_dashboard_counts(book, staff_client):
     assert '<td class="cd-pending-grants">1</td>' in page
     assert '<td class="cd-pending-adjustments">1</td>' in page
     assert '<td class="cd-used-today">6.000000</td>' in page
+
+
+def test_pending_approvals_queue_splits_mine_from_others(book, staff_client):
+    changelist = reverse("admin:billing_creditgrant_changelist")
+    other = staff_client("finance", "checker")
+    waiting = other.get(changelist, {"approval": "others"}).context["cl"].result_list
+    assert [g.pk for g in waiting] == [book["pending"].pk]
+    other.force_login(book["requester"])
+    assert list(other.get(changelist, {"approval": "others"}).context["cl"].result_list) == []
+    mine = other.get(changelist, {"approval": "mine"}).context["cl"].result_list
+    assert [g.pk for g in mine] == [book["pending"].pk]
+    adjustments = other.get(reverse("admin:billing_adjustment_changelist"), {"approval": "mine"})
+    assert [a.pk for a in adjustments.context["cl"].result_list] == [book["adjustment"].pk]
+
+
+def test_audit_list_filters_by_object_type_and_actor(book, staff_client):
+    client = staff_client("auditor")
+    response = client.get(reverse("admin:billing_auditevent_changelist"),
+                          {"object_type": "billing.apikey", "actor": book["requester"].pk})
+    rows = response.context["cl"].result_list
+    assert [(e.action, e.actor_id) for e in rows] == [("api_key.create", book["requester"].pk)]
+
+
+def test_audit_history_is_shown_to_auditors_not_to_sales(book, staff_client):
+    url = reverse("admin:billing_creditgrant_change", args=[book["pending"].pk])
+    assert "grant.create" in staff_client("auditor").get(url).content.decode()
+    assert 'id="audit-history"' not in staff_client("sales_rep", "rep2").get(url).content.decode()
