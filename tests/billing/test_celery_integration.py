@@ -64,7 +64,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+@pytest.mark.django_db(transaction=True)
 def test_worker_and_beat_expire_a_due_grant_exactly_once(tmp_path):
     now = timezone.now()
     wallet = funded_wallet("25", expires_at=now + timedelta(days=30))
