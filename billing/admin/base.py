@@ -210,7 +210,8 @@ class Operation:
 
     ``permission`` names a ``has_<permission>_permission`` method of the admin;
     ``apply(request, obj, cleaned_data)`` calls one service and may raise
-    ``BillingError``; ``available(obj)`` decides whether the button shows.
+    ``BillingError``; ``available(obj, user)`` decides whether the button shows
+    (the service still decides whether the operation is allowed).
     """
 
     name: str
@@ -219,7 +220,7 @@ class Operation:
     apply: Callable
     done: str
     form_class: type[forms.Form] = forms.Form
-    available: Callable = lambda obj: True
+    available: Callable = lambda obj, user: True
     help: str = ""
 
 
@@ -253,7 +254,7 @@ class OperationsMixin:
         info = self.opts.app_label, self.opts.model_name
         return [
             {"label": op.label, "url": reverse(f"admin:%s_%s_{op.name}" % info, args=[obj.pk])}
-            for op in self.operations if op.available(obj) and self._may(request, op)
+            for op in self.operations if op.available(obj, request.user) and self._may(request, op)
         ]
 
     def _apply(self, request, op: Operation, objs, data) -> int:

@@ -157,10 +157,10 @@ class WalletAdmin(OperationsMixin, AuditedAdminMixin, AuditHistoryMixin, Billing
     raw_id_fields = ("customer",)
     operations = (
         Operation("pause", "Pause", "change", _pause, "Paused {count} wallet(s).", form_class=ReasonForm,
-                  available=lambda w: w.status == Wallet.Status.ACTIVE,
+                  available=lambda w, user: w.status == Wallet.Status.ACTIVE,
                   help="Charges are refused until credits arrive or the wallet is resumed."),
         Operation("resume", "Resume", "change", _resume, "Resumed {count} wallet(s).",
-                  available=lambda w: w.status == Wallet.Status.PAUSED),
+                  available=lambda w, user: w.status == Wallet.Status.PAUSED),
     )
 
     @admin.display(description="customer", ordering="customer__name")

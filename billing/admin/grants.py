@@ -106,8 +106,12 @@ def _extend_grant(request, grant, data):
                         reason=data.get("reason", ""))
 
 
-def _pending(obj) -> bool:
+def _pending(obj, user) -> bool:
     return obj.status == "pending_approval"
+
+
+def _pending_for_someone_else(obj, user) -> bool:
+    return obj.status == "pending_approval" and obj.requested_by_id != user.pk
 
 
 @admin.register(CreditGrant)
@@ -133,15 +137,16 @@ class CreditGrantAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
     )
     operations = (
         Operation("approve", "Approve", "approve", _approve_grant, "Approved {count} grant(s).",
-                  available=_pending, help="The credits become usable at once. You cannot approve your own request."),
+                  available=_pending_for_someone_else,
+                  help="The credits become usable at once. You cannot approve your own request."),
         Operation("reject", "Reject", "approve", _reject_grant, "Rejected {count} grant(s).",
                   form_class=OptionalReasonForm, available=_pending),
         Operation("void", "Void", "change", _void_grant, "Voided {count} grant(s).", form_class=ReasonForm,
-                  available=lambda g: g.status in (*LIVE_GRANT_STATUSES, CreditGrant.Status.DEPLETED),
+                  available=lambda g, user: g.status in (*LIVE_GRANT_STATUSES, CreditGrant.Status.DEPLETED),
                   help="The remaining credits leave the wallet through a void entry. This cannot be undone."),
         Operation("extend", "Extend expiry", "change", _extend_grant, "Extended {count} grant(s).",
                   form_class=ExtendExpiryForm,
-                  available=lambda g: g.status in LIVE_GRANT_STATUSES and g.expires_at is not None,
+                  available=lambda g, user: g.status in LIVE_GRANT_STATUSES and g.expires_at is not None,
                   help="The change is written to the ledger as an “expiry changed” entry."),
     )
 
@@ -217,7 +222,7 @@ class AdjustmentAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
     operations = (
         Operation("approve", "Approve", "approve",
                   lambda request, adj, data: adjustment_approve(adjustment_id=adj.pk, user=request.user),
-                  "Applied {count} adjustment(s).", available=_pending,
+                  "Applied {count} adjustment(s).", available=_pending_for_someone_else,
                   help="The adjustment is applied to the ledger at once. You cannot approve your own request."),
         Operation("reject", "Reject", "approve",
                   lambda request, adj, data: adjustment_reject(adjustment_id=adj.pk, user=request.user,

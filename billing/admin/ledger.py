@@ -108,7 +108,7 @@ class UsageEventAdmin(CappedCountMixin, ReadOnlyAdminMixin, BillingModelAdmin):
         return admin_link(obj.customer, obj.customer.external_id)
 
 
-def _open(reservation) -> bool:
+def _open(reservation, user) -> bool:
     return reservation.status == Reservation.Status.OPEN
 
 

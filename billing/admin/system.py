@@ -37,7 +37,7 @@ class ApiKeyAdmin(OperationsMixin, AuditedAdminMixin, AuditHistoryMixin, Billing
     operations = (
         Operation("revoke", "Revoke", "change",
                   lambda request, key, data: api_key_revoke(api_key_id=key.pk, actor=request.user),
-                  "Revoked {count} API key(s).", available=lambda key: key.revoked_at is None,
+                  "Revoked {count} API key(s).", available=lambda key, user: key.revoked_at is None,
                   help="Requests with this key are refused from now on. This cannot be undone."),
     )
 

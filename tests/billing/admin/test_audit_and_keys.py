@@ -21,9 +21,27 @@ def audit_for(obj):
     return AuditEvent.objects.filter(object_type=obj._meta.label_lower, object_id=str(obj.pk)).order_by("-pk")
 
 
-def customer_form(customer, **changes):
-    data = {"name": customer.name, "email": customer.email, "timezone": customer.timezone,
-            "currency": customer.currency, "metadata": "{}"}
+def inline_data(client, url) -> dict:
+    """The management forms and current rows of whatever inlines the page has
+    (other apps add theirs to billing pages), as a browser would post them back."""
+    response = client.get(url)
+    data = {}
+    for inline in response.context["inline_admin_formsets"]:
+        formset = inline.formset
+        for key, value in formset.management_form.initial.items():
+            data[f"{formset.prefix}-{key}"] = value
+        for form in formset.forms:
+            for name in form.fields:
+                value = form[name].value()
+                if value is not None:
+                    data[form.add_prefix(name)] = value.pk if hasattr(value, "pk") else value
+    return data
+
+
+def customer_form(client, customer, **changes):
+    url = reverse("admin:billing_customer_change", args=[customer.pk])
+    data = {**inline_data(client, url), "name": customer.name, "email": customer.email,
+            "timezone": customer.timezone, "currency": customer.currency, "metadata": "{}"}
     data.update(changes)
     return data
 
@@ -32,7 +50,7 @@ def test_finance_edit_of_a_customer_is_audited_old_to_new(staff_client):
     client = staff_client("finance")
     customer = make_customer("audited", email="old@example.com")
     url = reverse("admin:billing_customer_change", args=[customer.pk])
-    response = client.post(url, customer_form(customer, email="new@example.com"))
+    response = client.post(url, customer_form(client, customer, email="new@example.com"))
     assert response.status_code == 302
     event = audit_for(customer).first()
     assert event.action == "customer.admin_change" and event.actor == client.user
@@ -45,7 +63,7 @@ def test_support_edits_contact_fields_only(staff_client):
     client = staff_client("support")
     customer = make_customer("supported", email="a@example.com")
     response = client.post(reverse("admin:billing_customer_change", args=[customer.pk]),
-                           customer_form(customer, email="b@example.com", currency="EUR", name="Renamed"))
+                           customer_form(client, customer, email="b@example.com", currency="EUR", name="Renamed"))
     assert response.status_code == 302
     customer.refresh_from_db()
     assert (customer.email, customer.name, customer.currency) == ("b@example.com", "Renamed", "USD")
@@ -73,9 +91,10 @@ def test_wallet_settings_change_is_audited_and_keeps_the_balance(staff_client):
     customer = make_customer("walleted")
     wallet = Wallet.objects.get(customer=customer)
     Wallet.objects.filter(pk=wallet.pk).update(ledger_balance=Decimal("42"))  # as if charged meanwhile
-    response = client.post(reverse("admin:billing_wallet_change", args=[wallet.pk]),
-                           {"name": "Team pool", "policy": "overdraft", "credit_limit": "100"})
-    assert response.status_code == 302
+    url = reverse("admin:billing_wallet_change", args=[wallet.pk])
+    response = client.post(url, {**inline_data(client, url), "name": "Team pool", "policy": "overdraft",
+                                 "credit_limit": "100"})
+    assert response.status_code == 302, response.context["errors"]
     wallet.refresh_from_db()
     assert (wallet.name, wallet.policy, wallet.ledger_balance) == ("Team pool", "overdraft", Decimal("42"))
     assert audit_for(wallet).first().changes["policy"] == "block → overdraft"

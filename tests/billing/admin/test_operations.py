@@ -220,3 +220,20 @@ def test_grant_change_page_cannot_be_saved(book, staff_client):
     response = client.post(reverse("admin:billing_creditgrant_change", args=[grant.pk]), {"remaining": "1"})
     assert response.status_code == 403
     assert CreditGrant.objects.get(pk=grant.pk).remaining == grant.remaining == Decimal("994")
+
+
+def test_the_approve_button_is_offered_to_others_only(book, staff_client):
+    url = reverse("admin:billing_creditgrant_change", args=[book["pending"].pk])
+    approve_url = reverse("admin:billing_creditgrant_approve", args=[book["pending"].pk])
+    client = staff_client("finance", "checker")
+    assert approve_url in client.get(url).content.decode()
+    client.force_login(book["requester"])
+    assert approve_url not in client.get(url).content.decode()
+
+
+def test_release_a_hold_from_the_admin(book, staff_client):
+    hold = book["reservation"]
+    response = staff_client("finance").post(reverse("admin:billing_reservation_release", args=[hold.pk]))
+    assert response.status_code == 302
+    hold.refresh_from_db()
+    assert hold.status == "released"
