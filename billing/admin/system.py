@@ -7,6 +7,7 @@ from django.apps import apps
 from django.contrib import admin, messages
 from django.contrib.admin import DateFieldListFilter
 from django.contrib.auth import get_user_model
+from django.utils.html import format_html_join
 
 from billing.admin.base import (
     AuditedAdminMixin,
@@ -144,7 +145,14 @@ class JobRunAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
     list_display = ("name", "status", "progress", "started_at", "finished_at")
     list_filter = ("name", "status")
     ordering = ("-started_at", "-id")
-    fields = ("name", "status", "total", "done", "started_at", "finished_at", "detail")
+    fields = ("name", "status", "progress", "started_at", "finished_at", "details")
+
+    @admin.display(description="details")
+    def details(self, obj):
+        # Inputs such as a bulk grant's customer ids can be long: show their size only.
+        shown = {key: (f"{len(value)} items" if isinstance(value, list) and len(value) > 20 else value)
+                 for key, value in (obj.detail or {}).items()}
+        return format_html_join("", "<div><strong>{}</strong>: {}</div>", shown.items()) or "-"
 
     @admin.display(description="progress")
     def progress(self, obj):

@@ -82,20 +82,29 @@ def test_bad_bulk_input_is_a_form_error(bad, staff_client):
     assert promo_grants().count() == 0
 
 
-def test_large_runs_record_job_progress(staff_client, monkeypatch):
+def test_large_selections_run_as_a_job_with_progress(staff_client, monkeypatch,
+                                                     django_capture_on_commit_callbacks):
     monkeypatch.setattr(admin_views, "BULK_JOB_THRESHOLD", 3)
     monkeypatch.setattr(admin_views, "PROGRESS_EVERY", 2)
+    monkeypatch.setattr(admin_views.bulk_promo_job, "delay", lambda job_id: admin_views.bulk_promo_job(job_id))
     client = staff_client("finance")
     ids = [make_customer(f"big-{i}").external_id for i in range(5)]
     token = client.get(reverse("admin:billing_customer_bulk_promo")).context["form"]["token"].value()
-    response = client.post(reverse("admin:billing_customer_bulk_promo"), {
-        "external_ids": "\n".join(ids), "amount": "1", "days": "7", "reason": "launch", "token": token})
-    job = response.context["result"].job
-    assert job is not None
-    job = JobRun.objects.get(pk=job.pk)
-    assert (job.name, job.total, job.done, job.status) == ("bulk_promo", 5, 5, "done")
-    assert job.detail["granted"] == 5
-    assert client.get(reverse("admin:billing_jobrun_change", args=[job.pk])).status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(reverse("admin:billing_customer_bulk_promo"), {
+            "external_ids": "\n".join([*ids, "ghost"]), "amount": "1", "days": "7", "reason": "launch",
+            "token": token})
+    job = JobRun.objects.get(name="bulk_promo")
+    assert response.status_code == 302 and response["Location"] == reverse("admin:billing_jobrun_change",
+                                                                           args=[job.pk])
+    assert (job.total, job.done, job.status) == (5, 5, "succeeded")
+    assert job.detail["result"]["granted"] == 5 and job.detail["unknown_ids"] == ["ghost"]
+    assert promo_grants().count() == 5
+    admin_views.bulk_promo_job(job.pk)  # a redelivered or rerun job grants nothing new
+    job.refresh_from_db()
+    assert job.detail["result"]["already_granted"] == 5 and promo_grants().count() == 5
+    page = client.get(reverse("admin:billing_jobrun_change", args=[job.pk]))
+    assert page.status_code == 200 and "5 / 5 (100%)" in page.content.decode()
 
 
 def test_customer_changelist_offers_the_bulk_button_to_finance_only(staff_client):
