@@ -132,7 +132,7 @@ SPECTACULAR_SETTINGS = {
 # by every process on this machine through folders under .run/broker/ (or
 # CELERY_BROKER_DIR). Every path is absolute so web, worker and beat agree
 # whatever their working directory; the folders are created here.
-CELERY_BROKER_URL = env("CELERY_BROKER_URL", "filesystem://")
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", "filesystem://localhost/")
 _broker_dir = Path(env("CELERY_BROKER_DIR", str(BASE_DIR / ".run" / "broker"))).resolve()
 CELERY_BROKER_TRANSPORT_OPTIONS = {}
 if CELERY_BROKER_URL.startswith("filesystem"):

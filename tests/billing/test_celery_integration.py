@@ -79,7 +79,7 @@ def test_worker_and_beat_expire_a_due_grant_exactly_once(tmp_path):
 
     env = {**os.environ, "DATABASE_URL": _test_database_url(), "PYTHONUNBUFFERED": "1"}
     if not os.environ.get("CELERY_BROKER_URL"):
-        env["CELERY_BROKER_URL"] = "filesystem://"
+        env["CELERY_BROKER_URL"] = "filesystem://localhost/"
         env["CELERY_BROKER_DIR"] = str(tmp_path / "broker")
     worker, worker_log = _start("worker", ["worker", "-Q", queue, "-P", "solo", "--loglevel", "INFO",
                                            "--without-gossip", "--without-mingle", "--without-heartbeat",
