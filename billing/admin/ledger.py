@@ -16,7 +16,7 @@ from billing.admin.base import (
     ReadOnlyAdminMixin,
     admin_link,
 )
-from billing.models import LedgerEntry, Reservation, UsageEvent
+from billing.models import Customer, LedgerEntry, Reservation, UsageEvent, Wallet
 from billing.services.reservations import reservation_release
 
 
@@ -70,10 +70,19 @@ class LedgerEntryAdmin(CappedCountMixin, ReadOnlyAdminMixin, BillingModelAdmin):
     raw_id_fields = ("wallet", "grant", "usage_event", "reservation")
 
     def get_ordering(self, request):
-        # One wallet: its (wallet, sequence) index; the whole ledger: the primary key.
-        if request.GET.get(WalletFilter.parameter_name):
+        # One customer or wallet: the (wallet, sequence) index; the whole ledger: the primary key.
+        if request.GET.get(WalletFilter.parameter_name) or request.GET.get("q"):
             return ("-wallet_id", "-sequence")
         return ("-id",)
+
+    def get_search_results(self, request, queryset, search_term):
+        """A customer's exact external id → its wallets' ids first, so the list
+        reads the (wallet, sequence) index instead of walking the whole ledger."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        wallet_ids = list(Wallet.objects.filter(customer__external_id=term).values_list("pk", flat=True))
+        return queryset.filter(wallet_id__in=wallet_ids), False
 
     @admin.display(description="customer")
     def customer(self, obj):
@@ -96,9 +105,28 @@ class UsageEventAdmin(CappedCountMixin, ReadOnlyAdminMixin, BillingModelAdmin):
     list_select_related = ("customer", "feature")
     list_filter = ("status", ("created_at", DateFieldListFilter), "feature", CustomerFilter, WalletFilter)
     search_fields = ("customer__external_id__exact", "event_id__exact")
-    search_help_text = "A customer's exact external id, or an exact event id."
+    search_help_text = "A customer's exact external id, optionally followed by one of its event ids."
     sortable_by = ()
-    ordering = ("-id",)
+
+    def get_ordering(self, request):
+        # One customer: its wallets' (wallet, created_at) index; everything: the primary key.
+        if request.GET.get("q") or request.GET.get(WalletFilter.parameter_name):
+            return ("-created_at",)
+        return ("-id",)
+
+    def get_search_results(self, request, queryset, search_term):
+        """``<external id>`` lists a customer's events through its wallets' index;
+        ``<external id> <event id>`` finds one event by its unique key."""
+        parts = search_term.split(maxsplit=1)
+        if not parts:
+            return queryset, False
+        customer = Customer.objects.filter(external_id=parts[0]).only("pk").first()
+        if customer is None:
+            return queryset.none(), False
+        if len(parts) == 2:
+            return queryset.filter(customer_id=customer.pk, event_id=parts[1].strip()), False
+        wallet_ids = list(Wallet.objects.filter(customer_id=customer.pk).values_list("pk", flat=True))
+        return queryset.filter(wallet_id__in=wallet_ids), False
     fields = ("customer", "wallet", "feature", "event_id", "quantity", "occurred_at", "properties", "rate",
               "credits_per_unit", "credits", "status", "reservation", "response", "created_at")
     raw_id_fields = ("customer", "wallet", "rate", "reservation")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
+from urllib.parse import urlencode
 
 from django import template
 from django.db.models import Sum
@@ -47,6 +48,6 @@ def creditdesk_dashboard(context):
         "pending_grants_url": f"{grants_url}?approval=others",
         "pending_adjustments_url": reverse("admin:billing_adjustment_changelist") + "?approval=others",
         "expiring_url": f"{grants_url}?expiring=14d",
-        "usage_url": reverse("admin:billing_ledgerentry_changelist")
-        + f"?type__exact=usage&created_at__gte={midnight.date().isoformat()}",
+        "usage_url": reverse("admin:billing_ledgerentry_changelist") + "?"
+        + urlencode({"type__exact": "usage", "created_at__gte": midnight.isoformat(sep=" ")}),
     }

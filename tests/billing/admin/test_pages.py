@@ -135,3 +135,19 @@ def test_audit_history_is_shown_to_auditors_not_to_sales(book, staff_client):
     url = reverse("admin:billing_creditgrant_change", args=[book["pending"].pk])
     assert "grant.create" in staff_client("auditor").get(url).content.decode()
     assert 'id="audit-history"' not in staff_client("sales_rep", "rep2").get(url).content.decode()
+
+
+def test_ledger_and_usage_search_by_customer(book, staff_client):
+    from tests.factories import make_customer
+
+    make_customer("someone-else")
+    client = staff_client("auditor")
+    ledger = client.get(reverse("admin:billing_ledgerentry_changelist"), {"q": "acme"}).context["cl"]
+    assert {e.wallet_id for e in ledger.result_list} == {book["wallet"].pk} and len(ledger.result_list) == 3
+    assert list(client.get(reverse("admin:billing_ledgerentry_changelist"),
+                           {"q": "someone-else"}).context["cl"].result_list) == []
+    usage = reverse("admin:billing_usageevent_changelist")
+    assert [u.event_id for u in client.get(usage, {"q": "acme"}).context["cl"].result_list] == ["evt-1"]
+    assert [u.event_id for u in client.get(usage, {"q": "acme evt-1"}).context["cl"].result_list] == ["evt-1"]
+    assert list(client.get(usage, {"q": "acme nope"}).context["cl"].result_list) == []
+    assert list(client.get(usage, {"q": "ghost"}).context["cl"].result_list) == []
