@@ -94,18 +94,14 @@ def require_perm(request, *perms: str) -> None:
         raise PermissionDenied
 
 
-def run_service(request, call: Callable[[], object], *, success: str | Callable[[object], str] = ""):
+def run_service(request, call: Callable[[], object]):
     """Call a service; a ``BillingError`` becomes an admin error message. Returns
     the service's result, or None when it refused."""
     try:
-        result = call()
+        return call()
     except BillingError as error:
         messages.error(request, error.message)
         return None
-    if success:
-        text = success(result) if callable(success) else success
-        messages.success(request, text)
-    return result
 
 
 def admin_link(obj: models.Model | None, label: str | None = None) -> str:
