@@ -151,3 +151,23 @@ def test_ledger_and_usage_search_by_customer(book, staff_client):
     assert [u.event_id for u in client.get(usage, {"q": "acme evt-1"}).context["cl"].result_list] == ["evt-1"]
     assert list(client.get(usage, {"q": "acme nope"}).context["cl"].result_list) == []
     assert list(client.get(usage, {"q": "ghost"}).context["cl"].result_list) == []
+
+
+def test_wallet_page_shows_its_panel_and_finance_operations(book, staff_client):
+    url = reverse("admin:billing_wallet_change", args=[book["wallet"].pk])
+    page = staff_client("finance").get(url).content.decode()
+    assert f'id="wallet-{book["wallet"].pk}"' in page and "Open holds" in page
+    assert reverse("admin:billing_wallet_pause", args=[book["wallet"].pk]) in page
+    auditor_page = staff_client("auditor", "aud2").get(url).content.decode()
+    assert "Usable grants, in consumption order" in auditor_page
+    assert reverse("admin:billing_wallet_pause", args=[book["wallet"].pk]) not in auditor_page
+
+
+def test_a_rate_version_that_priced_usage_is_read_only(book, staff_client):
+    client = staff_client("finance")
+    cost = book["featurecost"]
+    response = client.get(reverse("admin:billing_featurecost_change", args=[cost.pk]))
+    assert "credits_per_unit" not in response.context["adminform"].form.fields
+    client.post(reverse("admin:billing_featurecost_change", args=[cost.pk]), {"note": "n", "credits_per_unit": "0"})
+    cost.refresh_from_db()
+    assert cost.credits_per_unit == 2
