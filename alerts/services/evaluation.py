@@ -64,15 +64,25 @@ EPSILON = CREDIT_QUANT
 BALANCE_KINDS = (AlertLevel.Kind.ABSOLUTE, AlertLevel.Kind.PERCENT)
 
 
-def rule_for_wallet(wallet: Wallet) -> AlertRule | None:
+def shared_rules() -> list[AlertRule]:
+    """Active global and segment rules with their levels (the sweep reads them once per run)."""
+    return list(AlertRule.objects.filter(active=True, scope__in=(AlertRule.Scope.SEGMENT, AlertRule.Scope.GLOBAL))
+                .prefetch_related("levels").order_by("priority", "created_at", "pk"))
+
+
+def rule_for_wallet(wallet: Wallet, *, shared: list[AlertRule] | None = None) -> AlertRule | None:
     """The one rule that applies: customer override, else matching segment, else global
     (lowest priority, then oldest, within a scope)."""
-    rules = list(
-        AlertRule.objects.filter(active=True)
-        .filter(Q(scope=AlertRule.Scope.CUSTOMER, customer_id=wallet.customer_id)
-                | Q(scope__in=(AlertRule.Scope.SEGMENT, AlertRule.Scope.GLOBAL)))
-        .prefetch_related("levels").order_by("priority", "created_at", "pk")
-    )
+    if shared is None:
+        rules = list(
+            AlertRule.objects.filter(active=True)
+            .filter(Q(scope=AlertRule.Scope.CUSTOMER, customer_id=wallet.customer_id)
+                    | Q(scope__in=(AlertRule.Scope.SEGMENT, AlertRule.Scope.GLOBAL)))
+            .prefetch_related("levels").order_by("priority", "created_at", "pk")
+        )
+    else:
+        own = AlertRule.objects.filter(active=True, scope=AlertRule.Scope.CUSTOMER, customer_id=wallet.customer_id)
+        rules = list(own.prefetch_related("levels")) + shared
     metadata = wallet.customer.metadata or {}
     for scope in (AlertRule.Scope.CUSTOMER, AlertRule.Scope.SEGMENT, AlertRule.Scope.GLOBAL):
         for rule in rules:
@@ -162,9 +172,9 @@ def _pause_enabled(rule: AlertRule | None) -> bool:
 
 
 def plan_wallet(*, wallet: Wallet, available: Decimal, now: datetime, cause: str,
-                auto: AutoTopUp | None) -> Plan:
+                auto: AutoTopUp | None, shared: list[AlertRule] | None = None) -> Plan:
     """Decide what changes at ``available`` (reads only)."""
-    rule = rule_for_wallet(wallet)
+    rule = rule_for_wallet(wallet, shared=shared)
     plan = Plan(rule=rule, available=available)
     down: list[Decimal] = []
     up: list[Decimal] = []
@@ -296,7 +306,8 @@ def on_balance_crossed(*, wallet: Wallet, before: Decimal, after: Decimal, cause
         logger.exception("alert evaluation failed for wallet %s (%s → %s, %s)", wallet.pk, before, after, cause)
 
 
-def wallet_refresh(*, wallet_id: int, now: datetime | None = None, cause: str = "sweep") -> Plan | None:
+def wallet_refresh(*, wallet_id: int, now: datetime | None = None, cause: str = "sweep",
+                   shared: list[AlertRule] | None = None) -> Plan | None:
     """Evaluate a wallet at its current balance (sweep, after grants and top-ups).
     Reads without a lock first; locks the wallet only when something changes.
     Idempotent: a second run at the same balance changes nothing."""
@@ -306,7 +317,7 @@ def wallet_refresh(*, wallet_id: int, now: datetime | None = None, cause: str = 
         return None
     auto = AutoTopUp.objects.filter(wallet=wallet).select_related("pack").first()
     plan = plan_wallet(wallet=wallet, available=selectors.wallet_available(wallet, at=now), now=now, cause=cause,
-                       auto=auto)
+                       auto=auto, shared=shared)
     if not plan.changes(wallet):
         return plan
     with transaction.atomic():

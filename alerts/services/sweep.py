@@ -16,13 +16,14 @@ from datetime import datetime, timedelta
 from django.db.models import Q
 from django.utils import timezone
 
-from alerts.models import AutoTopUpRun, EventType, Severity
+from alerts.models import AlertRule, AutoTopUpRun, EventType, Severity, default_expiring_soon_days
 from alerts.services import evaluation
 from alerts.services.auto_top_up import auto_top_up_runs_reconcile
 from alerts.services.notifications import notifications_due, notify
 from billing.models import CreditGrant, Wallet
 
 STUCK_AFTER = timedelta(minutes=2)
+DEFAULT_EXPIRING_SOON = default_expiring_soon_days()
 
 
 @dataclass
@@ -38,19 +39,20 @@ class SweepResult:
 def grants_expiring_soon_notify(*, now: datetime) -> int:
     """One ``grant.expiring_soon`` notice per grant (and expiry date) with credits
     left, N days before it expires, N per grant kind from the wallet's rule."""
-    horizon_days = 0
+    shared = evaluation.shared_rules()
     rules: dict[int, object] = {}
+    horizon = max([days for rule in AlertRule.objects.filter(active=True).only("expiring_soon_days")
+                   for days in (rule.expiring_soon_days or {}).values()] + list(DEFAULT_EXPIRING_SOON.values()))
     candidates = CreditGrant.objects.filter(
         status=CreditGrant.Status.ACTIVE, remaining__gt=0, expires_at__gt=now,
-        expires_at__lte=now + timedelta(days=366), effective_at__lte=now,
+        expires_at__lte=now + timedelta(days=horizon), effective_at__lte=now,
     ).select_related("wallet", "wallet__customer").order_by("expires_at")
     sent = 0
     for grant in candidates.iterator(chunk_size=500):
         if grant.wallet_id not in rules:
-            rules[grant.wallet_id] = evaluation.rule_for_wallet(grant.wallet)
+            rules[grant.wallet_id] = evaluation.rule_for_wallet(grant.wallet, shared=shared)
         rule = rules[grant.wallet_id]
-        days = (rule.expiring_soon_days if rule else {"prepaid": 14, "promotional": 3}).get(grant.kind)
-        horizon_days = max(horizon_days, days or 0)
+        days = (rule.expiring_soon_days if rule else DEFAULT_EXPIRING_SOON).get(grant.kind)
         if not days or grant.expires_at > now + timedelta(days=days):
             continue
         wallet, customer = grant.wallet, grant.wallet.customer
@@ -72,10 +74,11 @@ def alerts_sweep(*, now: datetime | None = None, batch_size: int = 500, progress
 
     now = now or timezone.now()
     result = SweepResult()
+    shared = evaluation.shared_rules()
     last_pk = 0
     while ids := list(Wallet.objects.filter(pk__gt=last_pk).order_by("pk").values_list("pk", flat=True)[:batch_size]):
         for wallet_id in ids:
-            plan = evaluation.wallet_refresh(wallet_id=wallet_id, now=now)
+            plan = evaluation.wallet_refresh(wallet_id=wallet_id, now=now, shared=shared)
             result.wallets += 1
             result.changed += bool(plan and (plan.triggered or plan.recovered or plan.top_up_breach))
             if progress:
