@@ -4,7 +4,6 @@ from decimal import Decimal
 import pytest
 from django.apps import apps as django_apps
 from django.db.backends.postgresql.operations import DatabaseOperations
-from django.db.models import Sum
 
 from billing.models import CreditGrant, LedgerEntry, Wallet
 from tests.factories import make_feature
@@ -49,23 +48,28 @@ def assert_ledger_consistent(wallet: Wallet) -> None:
     grant's entries sum to its remaining, within 0..original; sequences run
     1..n without gaps and each ``balance_after`` is the running total."""
     wallet.refresh_from_db()
-    entries_total = LedgerEntry.objects.filter(wallet=wallet).aggregate(t=Sum("amount"))["t"] or Decimal(0)
-    remaining = CreditGrant.objects.filter(wallet=wallet).aggregate(t=Sum("remaining"))["t"] or Decimal(0)
+    rows = list(LedgerEntry.objects.filter(wallet=wallet).order_by("sequence").values_list(
+        "sequence", "amount", "balance_after", "grant_id"))
+    entries_total = sum((amount for _, amount, _, _ in rows), Decimal(0))
+    grants = list(CreditGrant.objects.filter(wallet=wallet))
+    remaining = sum((g.remaining for g in grants), Decimal(0))
     assert entries_total == remaining - wallet.overage == wallet.ledger_balance
     assert wallet.overage >= 0
-    unassigned = LedgerEntry.objects.filter(wallet=wallet, grant__isnull=True).aggregate(t=Sum("amount"))["t"]
-    assert -(unassigned or Decimal(0)) == wallet.overage
-    for grant in CreditGrant.objects.filter(wallet=wallet):
-        moved = LedgerEntry.objects.filter(grant=grant).aggregate(t=Sum("amount"))["t"] or Decimal(0)
-        assert moved == grant.remaining, grant
+    unassigned = sum((amount for _, amount, _, grant_id in rows if grant_id is None), Decimal(0))
+    assert -unassigned == wallet.overage
+    moved: dict[int, Decimal] = {}
+    for _, amount, _, grant_id in rows:
+        if grant_id is not None:
+            moved[grant_id] = moved.get(grant_id, Decimal(0)) + amount
+    assert set(moved) <= {g.pk for g in grants}, "an entry of this wallet moves another wallet's grant"
+    for grant in grants:
+        assert moved.get(grant.pk, Decimal(0)) == grant.remaining, grant
         assert 0 <= grant.remaining <= grant.original_amount
         if grant.status in (CreditGrant.Status.PENDING_APPROVAL, CreditGrant.Status.REJECTED):
-            assert grant.remaining == 0 and not grant.entries.exists(), grant
-    rows = list(LedgerEntry.objects.filter(wallet=wallet).order_by("sequence").values_list("sequence", "amount",
-                                                                                          "balance_after"))
-    assert [seq for seq, _, _ in rows] == list(range(1, len(rows) + 1))
+            assert grant.remaining == 0 and grant.pk not in moved, grant
+    assert [seq for seq, _, _, _ in rows] == list(range(1, len(rows) + 1))
     running = Decimal(0)
-    for seq, amount, balance_after in rows:
+    for seq, amount, balance_after, _ in rows:
         running += amount
         assert balance_after == running, f"entry #{seq}: balance_after {balance_after} != running {running}"
     assert wallet.last_sequence == len(rows)
@@ -76,6 +80,11 @@ def assert_only_usable_grants_consumed(wallet: Wallet) -> None:
     was usable when the charge ran (active then, effective, unexpired, in scope),
     and every overage repayment from a grant usable for any feature then.
     The moment of a charge is its usage event's ``created_at`` (the ``now`` it ran at)."""
+    ended_at: dict[int, int] = {}
+    for grant_id, sequence in LedgerEntry.objects.filter(
+            wallet=wallet, type__in=[LedgerEntry.Type.EXPIRY, LedgerEntry.Type.VOID]).values_list("grant_id",
+                                                                                               "sequence"):
+        ended_at[grant_id] = min(sequence, ended_at.get(grant_id, sequence))
     entries = LedgerEntry.objects.filter(wallet=wallet, type=LedgerEntry.Type.USAGE).select_related(
         "grant", "usage_event")
     for entry in entries:
@@ -87,10 +96,8 @@ def assert_only_usable_grants_consumed(wallet: Wallet) -> None:
         assert grant.feature_id in (None, event.feature_id), f"{entry}: grant #{grant.pk} scoped elsewhere"
         assert grant.status in (CreditGrant.Status.ACTIVE, CreditGrant.Status.DEPLETED,
                                 CreditGrant.Status.EXPIRED, CreditGrant.Status.VOIDED), entry
-        earlier_end = LedgerEntry.objects.filter(
-            grant=grant, sequence__lt=entry.sequence,
-            type__in=[LedgerEntry.Type.EXPIRY, LedgerEntry.Type.VOID]).exists()
-        assert not earlier_end, f"{entry}: grant #{grant.pk} was already expired or voided"
+        assert ended_at.get(grant.pk, entry.sequence + 1) > entry.sequence, (
+            f"{entry}: grant #{grant.pk} was already expired or voided")
         approved_later = grant.decided_at is not None and grant.decided_at > entry.created_at
         assert not approved_later, f"{entry}: grant #{grant.pk} approved after it was consumed"
     # A new grant repays overage only with credits usable for any feature at that moment.

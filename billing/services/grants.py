@@ -75,7 +75,8 @@ def _activate(*, grant: CreditGrant, wallet: Wallet, reference: str) -> None:
         )
     ]
     settled, overage_delta = (
-        settle_overage(wallet=wallet, grant=grant, reference=reference) if grant.is_usable() else ([], ZERO)
+        settle_overage(wallet=wallet, grant=grant, reference=reference)
+        if grant.is_usable(timezone.now()) else ([], ZERO)
     )
     append_entries(wallet=wallet, movements=movements + settled, overage_delta=overage_delta)
     if wallet.status == Wallet.Status.PAUSED:
