@@ -100,6 +100,9 @@ def test_the_story_is_there(demo):
     # History carries its own dates, not the seeding moment.
     oldest = LedgerEntry.objects.filter(wallet=wallet).order_by("sequence").first()
     assert oldest.created_at < now - timedelta(days=55)
+    usage_span = LedgerEntry.objects.filter(wallet=wallet, type__in=["usage", "overage"]).aggregate(
+        first=Min("created_at"), last=Max("created_at"))
+    assert usage_span["first"] < now - timedelta(days=55) and usage_span["last"] > now - timedelta(days=2)
 
 
 def test_demo_logins_work_and_the_admin_renders(demo, client):
