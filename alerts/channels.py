@@ -53,12 +53,13 @@ def _elapsed_ms(started: float) -> int:
 def send_email(*, to: str, subject: str, template: str, context: dict) -> SendResult:
     """Render ``templates/alerts/<template>.txt`` and ``.html`` and send them
     through Django's configured email backend."""
-    text = render_to_string(f"alerts/{template}.txt", context)
-    html = render_to_string(f"alerts/{template}.html", context)
-    message = EmailMultiAlternatives(subject=subject, body=text, from_email=settings.DEFAULT_FROM_EMAIL, to=[to])
-    message.attach_alternative(html, "text/html")
     started = time.monotonic()
     try:
+        text = render_to_string(f"alerts/{template}.txt", context)
+        html = render_to_string(f"alerts/{template}.html", context)
+        message = EmailMultiAlternatives(subject=subject, body=text, from_email=settings.DEFAULT_FROM_EMAIL,
+                                         to=[to])
+        message.attach_alternative(html, "text/html")
         message.send(fail_silently=False)
     except Exception as exc:  # any backend error (SMTP, file system) is one failed attempt
         return SendResult(ok=False, latency_ms=_elapsed_ms(started), error=f"{type(exc).__name__}: {exc}"[:EXCERPT])

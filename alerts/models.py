@@ -188,7 +188,7 @@ class AlertLevel(models.Model):
 
     def __str__(self) -> str:
         unit = {"absolute": " credits", "percent": " %", "days_left": " days left"}[self.kind]
-        return f"{self.value.normalize()}{unit} ({self.severity})"
+        return f"{self.value.normalize():f}{unit} ({self.severity})"
 
 
 class AlertState(models.Model):

@@ -125,3 +125,35 @@ def test_rule_saved_in_admin_with_inline_levels(client, book):
     assert [str(level.value) for level in rule.levels.all()] == ["5.000000"]
     wallet.refresh_from_db()
     assert wallet.alert_below == Decimal("5.000001")  # the customer's wallets follow the new rule
+
+
+def test_notification_log_filters_by_channel_status_and_customer(client, book):
+    customer, wallet = book
+    other = make_customer("globex", email="ap@globex.test")
+    grant(default_wallet(other), 10)
+    client.force_login(staff(roles.FINANCE, "fin5"))
+    url = reverse("admin:alerts_notification_changelist")
+    response = client.get(url + f"?customer={customer.pk}&channel__exact=email&status__exact=sent")
+    rows = list(response.context["cl"].result_list)
+    assert rows and {(n.customer_id, n.channel, n.status) for n in rows} == {(customer.pk, "email", "sent")}
+    assert "ap@acme.test" in response.content.decode()
+    response = client.get(url + f"?customer={other.pk}")
+    assert {n.customer_id for n in response.context["cl"].result_list} == {other.pk}
+    assert list(client.get(url + "?channel__exact=sms").context["cl"].result_list) == []  # the rule sends no SMS
+
+
+def test_auto_top_up_added_in_admin_goes_through_the_service(client):
+    customer = make_customer("initech")
+    wallet = default_wallet(customer)
+    grant(wallet, 100)
+    pack = CreditPackFactory(code="refill-admin", credits=Decimal("200"), price=Decimal("20.00"))
+    client.force_login(staff(roles.FINANCE, "fin6"))
+    response = client.post(reverse("admin:alerts_autotopup_add"), {
+        "wallet": wallet.pk, "enabled": "on", "threshold": "150", "pack": pack.pk, "mode": "pack",
+        "pack_quantity": 1, "cooldown": "01:00:00", "max_consecutive_failures": 3,
+        "runs-TOTAL_FORMS": 0, "runs-INITIAL_FORMS": 0, "runs-MIN_NUM_FORMS": 0, "runs-MAX_NUM_FORMS": 0,
+    })
+    assert response.status_code == 302, response.content.decode()[:3000]
+    # Already below the new threshold: the service evaluated the wallet and bought a pack at once.
+    assert AutoTopUpRun.objects.get(wallet=wallet).status == AutoTopUpRun.Status.SUCCEEDED
+    assert wallet_balance(wallet).available == Decimal("300")
