@@ -173,13 +173,17 @@ class PackPurchaseAdmin(AuditHistoryMixin, BillingModelAdmin):
             form = SellPackForm(request.POST, admin_site=self.admin_site)
             if form.is_valid():
                 data = form.cleaned_data
+                started = timezone.now()
                 purchase = run_service(request, lambda: pack_purchase(
                     wallet=data["wallet"], pack=data["pack"], quantity=data["quantity"],
                     purchased_by=request.user, idempotency_key=f"admin:{data['token']}"))
-                if purchase is not None:
+                if purchase is not None and purchase.created_at < started:
+                    messages.info(request, "This page was submitted before: nothing new was sold.")
+                elif purchase is not None:
                     messages.success(request, f"Sold {purchase.quantity} × {purchase.pack.name} to "
                                               f"{purchase.customer.name}: {purchase.credits} credits for "
                                               f"{purchase.total_price} {purchase.currency}.")
+                if purchase is not None:
                     return HttpResponseRedirect(reverse("admin:billing_packpurchase_change", args=[purchase.pk]))
         else:
             form = SellPackForm(initial={"wallet": request.GET.get("wallet")}, admin_site=self.admin_site)

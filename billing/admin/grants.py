@@ -189,6 +189,7 @@ class CreditGrantAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
             form = GrantCreditsForm(request.POST, admin_site=self.admin_site)
             if form.is_valid():
                 data = form.cleaned_data
+                started = timezone.now()
                 grant = run_service(request, lambda: grant_create(
                     wallet=data["wallet"], kind=data["kind"], amount=data["amount"],
                     source=CreditGrant.Source.MANUAL, expires_at=data["expires_at"],
@@ -197,7 +198,9 @@ class CreditGrantAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
                     idempotency_key=f"admin:{data['token']}",
                 ))
                 if grant is not None:
-                    if grant.status == CreditGrant.Status.PENDING_APPROVAL:
+                    if grant.created_at < started:
+                        messages.info(request, "This page was submitted before: no new credits were granted.")
+                    elif grant.status == CreditGrant.Status.PENDING_APPROVAL:
                         messages.warning(request, f"{grant} waits for approval by another finance approver.")
                     else:
                         messages.success(request, f"Granted {grant.original_amount} credits to {grant.wallet}.")

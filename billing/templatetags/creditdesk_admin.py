@@ -10,12 +10,11 @@ from django.db.models import Sum
 from django.urls import reverse
 from django.utils import timezone
 
+from billing.admin.grants import EXPIRING_SOON_DAYS
 from billing.models import Adjustment, CreditGrant, LedgerEntry
 from billing.numbers import ZERO
 
 register = template.Library()
-
-EXPIRING_SOON_DAYS = 14
 
 
 @register.inclusion_tag("billing/admin/dashboard.html", takes_context=True)

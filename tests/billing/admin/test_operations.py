@@ -36,9 +36,10 @@ def test_finance_grants_credits_once_per_submission(book, staff_client):
     expires = timezone.now() + timedelta(days=90)
     data = grant_form(wallet, expires_at_0=expires.strftime("%Y-%m-%d"), expires_at_1="12:00:00")
     first = client.post(reverse("admin:billing_creditgrant_add"), data)
-    again = client.post(reverse("admin:billing_creditgrant_add"), data)
+    again = client.post(reverse("admin:billing_creditgrant_add"), data, follow=True)
     grants = CreditGrant.objects.filter(wallet=wallet, idempotency_key="admin:tok-grant-0000000001")
-    assert first.status_code == again.status_code == 302
+    assert first.status_code == 302 and again.status_code == 200
+    assert any("submitted before" in m for m in messages_of(again))
     assert grants.count() == 1
     grant = grants.get()
     assert (grant.original_amount, grant.priority, grant.status) == (Decimal("250"), 40, "active")
@@ -174,7 +175,8 @@ def test_sell_pack_once_per_submission(book, staff_client):
     page = client.get(reverse("admin:billing_packpurchase_add"), {"wallet": book["wallet"].pk})
     assert page.status_code == 200 and "Starter" in page.content.decode()
     assert client.post(reverse("admin:billing_packpurchase_add"), data).status_code == 302
-    assert client.post(reverse("admin:billing_packpurchase_add"), data).status_code == 302
+    again = client.post(reverse("admin:billing_packpurchase_add"), data, follow=True)
+    assert any("nothing new was sold" in m for m in messages_of(again))
     purchase = PackPurchase.objects.get(idempotency_key="admin:tok-sell-00000000002")
     assert purchase.credits == Decimal("5000") and purchase.discount_percent == Decimal("10")
     assert purchase.total_price == Decimal("450.00") and purchase.purchased_by == client.user
