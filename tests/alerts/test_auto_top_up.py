@@ -201,3 +201,34 @@ def test_execution_is_after_commit_never_inside_the_charge(feature, pack, monkey
     assert seen == [(AutoTopUpRun.objects.get().pk, False)]
     assert PackPurchase.objects.count() == 0
     assert timezone.now()  # the run stays queued for the sweep to pick up if the task is lost
+
+
+def test_demo_flow_draining_through_the_api(feature, pack, mailoutbox, webhook_receiver):
+    """Draining a wallet through the API: a low-balance email, signed webhooks in
+    the delivery log, an auto top-up, and a recovered notice."""
+    from alerts.models import Notification, Severity, WebhookEndpoint
+    from tests.alerts.conftest import make_rule
+    from tests.billing.api.conftest import make_api
+
+    make_rule((100, Severity.WARNING), (20, Severity.CRITICAL))
+    endpoint = WebhookEndpoint.objects.create(url=webhook_receiver.url, event_types=[
+        "wallet.balance_low", "wallet.balance_recovered", "wallet.topped_up", "wallet.depleted"])
+    customer, wallet = funded(300)
+    auto_top_up_set(wallet=wallet, threshold=Decimal("50"), pack=pack)
+    api = make_api("usage:write")
+    for n in range(6):
+        status, body = api.post("/api/v1/usage", {"customer": customer.external_id, "feature": "api-call",
+                                                  "quantity": "45", "event_id": f"demo-{n}"})
+        assert status == 201, body
+
+    # 300 → 255 → 210 → 165 → 120 → 75 (low) → 30 (top-up +500: 530, recovered)
+    subjects = [m.subject for m in mailoutbox]
+    assert any("running low (75.000000 left)" in s for s in subjects)
+    assert any("500.000000 credits added" in s for s in subjects)
+    assert any("back above 100.000000" in s for s in subjects)
+    assert AutoTopUpRun.objects.get().status == AutoTopUpRun.Status.SUCCEEDED
+    assert wallet_balance(wallet).available == Decimal("530")
+    delivered = list(Notification.objects.filter(channel="webhook", endpoint=endpoint, status="sent")
+                     .order_by("pk").values_list("event_type", flat=True))
+    assert delivered == ["wallet.balance_low", "wallet.balance_recovered", "wallet.topped_up"]
+    assert len(webhook_receiver.requests) == 3
