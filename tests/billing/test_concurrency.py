@@ -16,6 +16,7 @@ from django.db import connections
 from django.db.models import Sum
 from django.utils import timezone
 
+import billing.services.usage
 from billing.errors import InsufficientCredits
 from billing.models import CreditGrant, LedgerEntry, PackPurchase, Reservation, UsageEvent, Wallet
 from billing.selectors import wallet_balance
@@ -67,7 +68,15 @@ def assert_block_wallet_never_below_zero(wallet):
     assert not LedgerEntry.objects.filter(wallet=wallet, balance_after__lt=0).exists()
 
 
-def test_16_clients_drain_a_block_wallet_exactly(feature):
+@pytest.fixture(params=["database-function", "python-engine"])
+def engine(request, monkeypatch):
+    """Single events may be charged by the SQL fast path or the Python engine: prove both."""
+    if request.param == "python-engine":
+        monkeypatch.setattr(billing.services.usage, "FAST_PATH", False, raising=False)
+    return request.param
+
+
+def test_16_clients_drain_a_block_wallet_exactly(feature, engine):
     quarter = make_feature("quarter", "0.25")
     wallet = default_wallet(make_customer("hot"))
     grant(wallet, "40", kind="promotional", priority=10)
@@ -110,7 +119,7 @@ def test_16_clients_drain_a_block_wallet_exactly(feature):
 
 
 @pytest.mark.parametrize("fits", [True, False])
-def test_one_event_id_from_8_threads_is_one_charge_with_8_identical_answers(feature, fits):
+def test_one_event_id_from_8_threads_is_one_charge_with_8_identical_answers(feature, fits, engine):
     wallet = funded_wallet("10")
     quantity = "3" if fits else "30"
     for round_ in range(3):
