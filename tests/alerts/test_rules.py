@@ -74,3 +74,12 @@ def test_roles_get_alerts_permissions():
     assert support == auditor and support and all(code.startswith("view_") for code in support)
     assert "view_pendingtopupapproval" in support
     assert not Group.objects.get(name=roles.SALES_REP).permissions.filter(content_type__app_label="alerts").exists()
+
+
+def test_schedule_names_a_registered_task():
+    import alerts.tasks  # noqa: F401 - registers the tasks
+    from alerts.schedule import SCHEDULE, jobs
+    from config.celery import app
+
+    assert {entry["task"] for entry in SCHEDULE.values()} <= set(app.tasks)
+    assert [job.task for job in jobs()] == ["alerts.tasks.alerts_sweep"]
