@@ -60,6 +60,8 @@ def main() -> None:
         usage_charge_many(batch)
         batch_time = time.perf_counter() - t0
     print(f"batch of 1,000 (10 wallets): {len(queries)} statements, {batch_time * 1000:.0f} ms")
+    for q in queries.captured_queries:
+        print(f"  {q['time']}s  {q['sql'][:100]}")
 
     profiler = cProfile.Profile() if args.cprofile else None
     t0 = time.perf_counter()

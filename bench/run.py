@@ -74,6 +74,7 @@ class Outcome:
     limit_p50_ms: float = 0.0
     limit_p99_ms: float = 0.0
     client_cpu: float = 0.0
+    server_cpu_ms: float = 0.0  # gunicorn CPU per request
     errors: list[str] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
 
@@ -292,6 +293,18 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("gunicorn did not answer in time")
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by gunicorn's master and workers (its process group)."""
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid:  # pgrp: gunicorn runs in its own session
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -359,9 +372,11 @@ def run_scenario(scenario: Scenario, *, url: str, server: Server, seed: dict, se
         url, scenario.pgbench_script, clients=scenario.clients, seconds=seconds,
         variables=pgbench_variables(scenario, seed))
     outcome.limit_events_per_s = tps * scenario.events_per_request
+    cpu_before = server.cpu_seconds()
     load = run_load(host="127.0.0.1", port=server.port, clients=scenario.clients,
                     make_request=request_maker(scenario, seed, run_id), warmup=warmup, seconds=seconds,
                     expect=(scenario.http_status,))
+    outcome.server_cpu_ms = (server.cpu_seconds() - cpu_before) / max(load.total_requests, 1) * 1000
     ok = load.statuses.get(scenario.http_status, 0)
     outcome.statuses = load.statuses
     outcome.events_per_s = ok * scenario.events_per_request / load.elapsed
@@ -380,13 +395,14 @@ def run_scenario(scenario: Scenario, *, url: str, server: Server, seed: dict, se
 
 def table(outcomes: list[Outcome]) -> str:
     rows = ["| scenario | clients | API events/s | API p50 ms | API p99 ms | raw-SQL limit events/s "
-            "(pgbench p50/p99 ms) | ratio | target | met |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+            "(pgbench p50/p99 ms) | ratio | target | met | gunicorn CPU ms/request |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for o in outcomes:
         rows.append(
             f"| {o.scenario.name}: {o.scenario.title} | {o.scenario.clients} | {o.events_per_s:,.0f} | "
             f"{o.p50_ms:.1f} | {o.p99_ms:.1f} | {o.limit_events_per_s:,.0f} ({o.limit_p50_ms:.1f}/"
-            f"{o.limit_p99_ms:.1f}) | {o.ratio:.2f} | {o.scenario.target} | {'yes' if o.passed else 'NO'} |")
+            f"{o.limit_p99_ms:.1f}) | {o.ratio:.2f} | {o.scenario.target} | {'yes' if o.passed else 'NO'} | "
+            f"{o.server_cpu_ms:.2f} |")
     return "\n".join(rows)
 
 
@@ -402,8 +418,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10, help="measured seconds per scenario (default 10)")
     parser.add_argument("--warmup", type=float, default=2, help="unmeasured warm-up seconds (default 2)")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn worker processes (default 4)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker (default 8)")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    parser.add_argument("--threads", type=int, default=16, help="threads per gunicorn worker (default 16)")
     parser.add_argument("--only", nargs="*", help="run only these scenarios: " + ", ".join(s.name for s in SCENARIOS))
     parser.add_argument("--sql-only", action="store_true", help="measure only the pgbench limits (no HTTP)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.md"))
@@ -411,6 +427,7 @@ def main() -> int:
     scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only]
 
     started = datetime.now(UTC)
+    load_before = os.getloadavg()[0]
     print(f"Resetting and seeding database {BENCH_DB} …", flush=True)
     url = reset_database(server_url())
     setup_django(url)
@@ -437,7 +454,7 @@ def main() -> int:
             o = outcomes[-1]
             print(f"    {o.events_per_s:,.0f} events/s, p50 {o.p50_ms:.1f} ms, p99 {o.p99_ms:.1f} ms; limit "
                   f"{o.limit_events_per_s:,.0f}/s; ratio {o.ratio:.2f}; load generator CPU "
-                  f"{o.client_cpu:.0%} of a core{'; ERRORS: ' + ' | '.join(o.errors) if o.errors else ''}",
+                  f"{o.client_cpu:.0%} of a core; gunicorn CPU {o.server_cpu_ms:.2f} ms/request{'; ERRORS: ' + ' | '.join(o.errors) if o.errors else ''}",
                   flush=True)
     finally:
         server.stop()
@@ -454,6 +471,8 @@ def main() -> int:
         f"clients: closed-loop keep-alive HTTP/1.1 (bench/load.py), {args.warmup:g} s warm-up + "
         f"{args.seconds:g} s measured per scenario; limit: pgbench -M prepared, same clients, "
         f"{args.seconds:g} s, scripts in bench/pgbench/.\n"
+        f"Machine load average (1 min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}: other "
+        f"processes on these 2 cores slow the API (Python) more than pgbench.\n"
         f"Books after the run: {'consistent (every wallet: balance = entries = grants − overage)' if not problems else 'INCONSISTENT: ' + '; '.join(problems[:5])}."
     )
     print()

@@ -377,6 +377,7 @@ def _charge(requests, hashes, todo, results, now) -> None:
     new_events: list[_NewEvent] = []
     movements_by_wallet: dict[int, list[tuple[int, Movement]]] = defaultdict(list)
     overage_by_wallet: dict[int, Decimal] = defaultdict(lambda: ZERO)
+    moved_by_wallet: dict[int, Decimal] = defaultdict(lambda: ZERO)
     touched: dict[int, CreditGrant] = {}
     first_available: dict[int, Decimal] = {}
     last_available: dict[int, Decimal] = {}
@@ -443,8 +444,9 @@ def _charge(requests, hashes, todo, results, now) -> None:
                 (len(new_events), Movement(type=LedgerEntry.Type.OVERAGE, amount=-over, grant=None,
                                            reference=f"usage:{request.event_id}"[:255]))
             )
-        ledger_after = wallet.ledger_balance + sum(
-            (m.amount for _, m in movements_by_wallet[wallet.pk]), ZERO)
+        # The running total of the wallet's movements so far (exact: no rounding in these sums).
+        moved_by_wallet[wallet.pk] += sum((-take for _, take in allocations), ZERO) - (over if over > 0 else ZERO)
+        ledger_after = wallet.ledger_balance + moved_by_wallet[wallet.pk]
         event.status = UsageEvent.Status.CHARGED
         results[i] = _charged(request.event_id, credits, [(g.pk, take) for g, take in allocations], over,
                               available - credits, ledger_after)
