@@ -133,18 +133,27 @@ SPECTACULAR_SETTINGS = {
 # CELERY_BROKER_DIR). Every path is absolute so web, worker and beat agree
 # whatever their working directory; the folders are created here.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", "filesystem://localhost/")
-_broker_dir = Path(env("CELERY_BROKER_DIR", str(BASE_DIR / ".run" / "broker"))).resolve()
-CELERY_BROKER_TRANSPORT_OPTIONS = {}
-if CELERY_BROKER_URL.startswith("filesystem"):
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_broker_dir / "out"),
-        "data_folder_out": str(_broker_dir / "out"),
-        "processed_folder": str(_broker_dir / "processed"),
-        "control_folder": str(_broker_dir / "control"),
+
+
+def filesystem_broker_options(broker_dir: Path) -> dict:
+    """kombu filesystem transport folders under ``broker_dir`` (created here)."""
+    broker_dir = broker_dir.resolve()
+    for folder in ("out", "processed", "control"):
+        (broker_dir / folder).mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(broker_dir / "out"),
+        "data_folder_out": str(broker_dir / "out"),
+        "processed_folder": str(broker_dir / "processed"),
+        "control_folder": str(broker_dir / "control"),
         "store_processed": False,
     }
-    for _folder in ("out", "processed", "control"):
-        (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
+
+
+CELERY_BROKER_TRANSPORT_OPTIONS = (
+    filesystem_broker_options(Path(env("CELERY_BROKER_DIR", str(BASE_DIR / ".run" / "broker"))))
+    if CELERY_BROKER_URL.startswith("filesystem")
+    else {}
+)
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND") or None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -161,6 +170,24 @@ CREDITDESK_USAGE_GRACE_SECONDS = int(env("CREDITDESK_USAGE_GRACE_SECONDS", str(3
 CREDITDESK_CLOCK_SKEW_SECONDS = int(env("CREDITDESK_CLOCK_SKEW_SECONDS", "300"))
 CREDITDESK_DEFAULT_HOLD_TTL_SECONDS = int(env("CREDITDESK_DEFAULT_HOLD_TTL_SECONDS", "900"))
 CREDITDESK_MAX_HOLD_TTL_SECONDS = int(env("CREDITDESK_MAX_HOLD_TTL_SECONDS", str(7 * 24 * 3600)))
+
+# Optional per-API-key rate limit, e.g. "6000/minute"; unset: no limit. Counted
+# in the default cache (per process unless CACHES points at a shared cache).
+CREDITDESK_API_RATE_LIMIT = env("CREDITDESK_API_RATE_LIMIT") or None
+
+# --- Alerts and notifications ----------------------------------------------
+ALERTS_SMS_BACKEND = env("ALERTS_SMS_BACKEND", "console")  # console | twilio
+TWILIO_ACCOUNT_SID = env("TWILIO_ACCOUNT_SID")
+TWILIO_AUTH_TOKEN = env("TWILIO_AUTH_TOKEN")
+TWILIO_FROM_NUMBER = env("TWILIO_FROM_NUMBER")
+TWILIO_API_BASE_URL = env("TWILIO_API_BASE_URL", "https://api.twilio.com")
+ALERTS_WEBHOOK_TIMEOUT_SECONDS = int(env("ALERTS_WEBHOOK_TIMEOUT_SECONDS", "10"))
+ALERTS_MAX_ATTEMPTS = int(env("ALERTS_MAX_ATTEMPTS", "8"))
+ALERTS_RETRY_BASE_SECONDS = int(env("ALERTS_RETRY_BASE_SECONDS", "30"))
+ALERTS_RETRY_MAX_SECONDS = int(env("ALERTS_RETRY_MAX_SECONDS", "21600"))
+ALERTS_WEBHOOK_DISABLE_AFTER = int(env("ALERTS_WEBHOOK_DISABLE_AFTER", "10"))
+ALERTS_TOP_UP_URL = env("ALERTS_TOP_UP_URL")
+ALERTS_PAUSE_WHEN_DEPLETED = env_bool("ALERTS_PAUSE_WHEN_DEPLETED", True)
 
 # --- Logging ----------------------------------------------------------------
 LOGGING = {
