@@ -471,8 +471,8 @@ def main() -> int:
         f"clients: closed-loop keep-alive HTTP/1.1 (bench/load.py), {args.warmup:g} s warm-up + "
         f"{args.seconds:g} s measured per scenario; limit: pgbench -M prepared, same clients, "
         f"{args.seconds:g} s, scripts in bench/pgbench/.\n"
-        f"Machine load average (1 min) at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}: other "
-        f"processes on these 2 cores slow the API (Python) more than pgbench.\n"
+        f"Load average (1 min) before the run: {load_before:.1f} (anything else running on these cores slows "
+        f"the API's Python more than pgbench).\n"
         f"Books after the run: {'consistent (every wallet: balance = entries = grants − overage)' if not problems else 'INCONSISTENT: ' + '; '.join(problems[:5])}."
     )
     print()
