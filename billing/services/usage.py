@@ -49,7 +49,7 @@ from billing.models import (
     UsageEvent,
     Wallet,
 )
-from billing.numbers import ZERO, round_credits
+from billing.numbers import MAX_CREDITS, ZERO, round_credits
 from billing.services.ledger import Movement, append_entries_many
 
 OK_STATUS = {UsageEvent.Status.CHARGED: 201, UsageEvent.Status.REJECTED: 402}
@@ -224,6 +224,14 @@ def usage_charge_many(requests: list[ChargeRequest], *, now: datetime | None = N
             rate = _pick_rate(rates, request)
             if rate is None:
                 results[i] = _no_rate(request)
+                continue
+            if abs(request.quantity * rate.credits_per_unit) > MAX_CREDITS:
+                # More than a ledger entry can hold (NUMERIC(20,6)): refuse it rather than fail the batch.
+                results[i] = _invalid(
+                    request.event_id,
+                    f"quantity × credit cost is more than one event may charge ({MAX_CREDITS} credits).",
+                    {"quantity": f"priced at more than {MAX_CREDITS} credits"},
+                )
                 continue
             todo.append(i)
             request._rate = rate  # type: ignore[attr-defined]

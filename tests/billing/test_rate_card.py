@@ -6,7 +6,6 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.db import DataError
 from django.utils import timezone
 
 from billing.models import FeatureCost, LedgerEntry, UsageEvent
@@ -128,10 +127,6 @@ def test_no_cost_effective_at_occurred_at_is_invalid_and_charges_nothing(priced,
 
 
 @pytest.mark.django_db
-@pytest.mark.xfail(strict=True, raises=DataError, reason=(
-    "usage.py (Python engine and the SQL function of migration 0005) stores credits that exceed "
-    "NUMERIC(20,6) and the database raises DataError (a 500 at the API) instead of refusing the event; "
-    "owned by the performance engineer's rewrite"))
 def test_priced_amount_beyond_what_a_ledger_can_hold_is_refused_cleanly(now):
     feature = FeatureFactory(key="pricey")
     FeatureCost.objects.create(feature=feature, credits_per_unit=D("1000"), effective_from=now - timedelta(days=1))
