@@ -620,3 +620,152 @@ class JobRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} {self.started_at:%Y-%m-%d %H:%M} ({self.status})"
+
+
+# --- Invoices and payments ---------------------------------------------------
+# Written only by billing.services.invoices (DESIGN.md §5).
+
+
+class BillingProfile(models.Model):
+    """How a customer is invoiced: where invoices go, payment terms, tax rate."""
+
+    customer = models.OneToOneField(Customer, on_delete=models.PROTECT, related_name="billing_profile")
+    billing_email = models.EmailField(blank=True, help_text="Empty: the customer's email.")
+    net_terms_days = models.PositiveSmallIntegerField(default=30, help_text="Days from issue to due date.")
+    tax_rate = models.DecimalField(
+        max_digits=7, decimal_places=4, default=ZERO, validators=[MinValueValidator(0), MaxValueValidator(100)],
+        help_text="Percent added to each invoice's subtotal.",
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(tax_rate__gte=0, tax_rate__lte=100), name="billing_profile_tax_range"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Billing profile of {self.customer.external_id}"
+
+
+class InvoiceNumberCounter(models.Model):
+    """The last invoice number given out in a year. Incremented under its row
+    lock in the issuing transaction, so numbers run 1..n without gaps."""
+
+    year = models.PositiveSmallIntegerField(unique=True)
+    last_number = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.year}: {self.last_number}"
+
+
+class Invoice(models.Model):
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        ISSUED = "issued", "Issued"
+        PAID = "paid", "Paid"
+        VOID = "void", "Void"
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="invoices")
+    # Given at issue time only: drafts never burn a number.
+    number = models.CharField(max_length=32, null=True, blank=True, unique=True, editable=False)
+    year = models.PositiveSmallIntegerField(null=True, blank=True, editable=False)
+    sequence = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    currency = models.CharField(max_length=3, validators=[validate_currency])
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.DRAFT, db_index=True)
+    tax_rate = models.DecimalField(max_digits=7, decimal_places=4, default=ZERO)
+    net_terms_days = models.PositiveSmallIntegerField(default=30)
+    subtotal = MoneyField(default=ZERO, editable=False)
+    tax = MoneyField(default=ZERO, editable=False)
+    total = MoneyField(default=ZERO, editable=False)
+    amount_paid = MoneyField(default=ZERO, editable=False)
+    billing_email = models.EmailField(blank=True)
+    memo = models.CharField(max_length=500, blank=True)
+    issued_at = models.DateTimeField(null=True, blank=True, editable=False)
+    due_at = models.DateTimeField(null=True, blank=True, editable=False)
+    paid_at = models.DateTimeField(null=True, blank=True, editable=False)
+    voided_at = models.DateTimeField(null=True, blank=True, editable=False)
+    void_reason = models.CharField(max_length=500, blank=True, editable=False)
+    emailed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["year", "sequence"], name="invoice_number_unique_per_year"),
+            models.CheckConstraint(
+                condition=Q(status="draft") | Q(status="void", number__isnull=True) | Q(number__isnull=False),
+                name="invoice_issued_has_number",
+            ),
+            models.CheckConstraint(condition=Q(tax_rate__gte=0, tax_rate__lte=100), name="invoice_tax_range"),
+            models.CheckConstraint(condition=Q(amount_paid__gte=0), name="invoice_paid_not_negative"),
+        ]
+        indexes = [models.Index(fields=["customer", "-created_at"], name="invoice_customer_idx")]
+
+    def __str__(self) -> str:
+        return self.number or f"Draft invoice #{self.pk}"
+
+    @property
+    def amount_due(self) -> Decimal:
+        return self.total - self.amount_paid
+
+
+class InvoiceLine(models.Model):
+    class Kind(models.TextChoices):
+        PACK_PURCHASE = "pack_purchase", "Pack purchase"
+        PLAN_FEE = "plan_fee", "Plan fee"
+        OVERAGE = "overage", "Overage"
+        TRUE_UP = "true_up", "True-up"
+        MANUAL = "manual", "Manual"
+        CREDIT_NOTE = "credit_note", "Credit note"
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="lines")
+    position = models.PositiveSmallIntegerField(default=0)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    description = models.CharField(max_length=500)
+    quantity = models.DecimalField(max_digits=20, decimal_places=6)
+    unit_price = RateField()
+    amount = MoneyField(help_text="quantity × unit price, rounded to the currency.")
+    pack_purchase = models.ForeignKey(
+        PackPurchase, null=True, blank=True, on_delete=models.PROTECT, related_name="invoice_lines"
+    )
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["invoice", "position", "pk"]
+        constraints = [
+            models.CheckConstraint(condition=Q(quantity__gt=0), name="invoice_line_quantity_positive"),
+            models.CheckConstraint(
+                condition=Q(kind="credit_note", amount__lte=0) | (~Q(kind="credit_note") & Q(amount__gte=0)),
+                name="invoice_line_sign_by_kind",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.description} ({self.amount})"
+
+
+class Payment(models.Model):
+    class Method(models.TextChoices):
+        MANUAL = "manual", "Recorded by finance"
+        WEBHOOK = "webhook", "Payment provider webhook"
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="payments")
+    amount = MoneyField()
+    currency = models.CharField(max_length=3)
+    method = models.CharField(max_length=8, choices=Method.choices, default=Method.MANUAL)
+    reference = models.CharField(max_length=255, blank=True, help_text="Bank transfer or provider reference.")
+    provider_event_id = models.CharField(max_length=255, null=True, blank=True, unique=True, editable=False)
+    received_at = models.DateTimeField(default=now)
+    recorded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-received_at", "-pk"]
+        constraints = [models.CheckConstraint(condition=Q(amount__gt=0), name="payment_amount_positive")]
+
+    def __str__(self) -> str:
+        return f"{self.amount} {self.currency} on {self.invoice}"

@@ -22,7 +22,10 @@ BILLING_MODELS = (
     "creditpack", "packdiscounttier", "packpurchase", "adjustment", "apikey", "auditevent", "outboxevent", "jobrun",
     "idempotencyrecord",
 )
-APPEND_ONLY = {"ledgerentry", "usageevent", "auditevent", "outboxevent", "idempotencyrecord", "jobrun"}
+# Invoices and payments (issue 4): finance writes them through services, auditors read them.
+INVOICING_MODELS = ("billingprofile", "invoice", "invoiceline", "payment", "invoicenumbercounter")
+APPEND_ONLY = {"ledgerentry", "usageevent", "auditevent", "outboxevent", "idempotencyrecord", "jobrun",
+               "invoicenumbercounter"}
 # Extra apps whose models every role may read (e.g. the beat schedule for finance).
 READ_ONLY_APPS = {"django_celery_beat"}
 
@@ -32,8 +35,8 @@ def _perms(app: str, models: tuple[str, ...], actions: tuple[str, ...]) -> list[
 
 
 def role_permissions() -> dict[str, list[str]]:
-    view_all = _perms("billing", BILLING_MODELS, ("view",))
-    finance_writable = tuple(m for m in BILLING_MODELS if m not in APPEND_ONLY)
+    view_all = _perms("billing", BILLING_MODELS + INVOICING_MODELS, ("view",))
+    finance_writable = tuple(m for m in BILLING_MODELS + INVOICING_MODELS if m not in APPEND_ONLY)
     finance = (
         view_all
         + _perms("billing", finance_writable, ("add", "change"))

@@ -74,3 +74,15 @@ def outbox_dispatch_pending() -> int:
             last_pk = ids[-1]
         job.note(delivered=delivered, failed=failed)
     return delivered
+
+
+# SMTP failures (smtplib errors are OSErrors) are retried like database ones.
+EMAIL_RETRYING = {**RETRYING, "autoretry_for": (OperationalError, InterfaceError, OSError)}
+
+
+@shared_task(name="billing.tasks.invoice_email_send", **EMAIL_RETRYING)
+def invoice_email_send(invoice_id: int) -> bool:
+    """Email one issued invoice with its PDF (queued on commit by ``invoice_issue``). Sends at most once."""
+    from billing.services.invoices import invoice_email_send as send
+
+    return send(invoice_id=invoice_id)

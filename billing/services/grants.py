@@ -196,6 +196,30 @@ def grant_approve(*, grant_id: int, user) -> CreditGrant:
     return grant
 
 
+def grant_activate_paid(*, grant_id: int, actor=None, actor_label: str = "", reference: str = "") -> CreditGrant:
+    """Make a grant waiting in ``pending_payment`` usable once its invoice is paid:
+    the grant entry is written (and overage repaid) under the grant and wallet
+    locks, and ``grant.activated`` is published. Idempotent: an already active
+    grant is returned unchanged. Raises Conflict for any other status."""
+    with transaction.atomic():
+        grant = lock_grants([grant_id]).get(grant_id)
+        if grant is None:
+            raise NotFound("No such grant.")
+        if grant.status == CreditGrant.Status.ACTIVE:
+            return grant
+        if grant.status != CreditGrant.Status.PENDING_PAYMENT:
+            raise Conflict(f"Grant #{grant.pk} is {grant.status}, not pending payment.")
+        wallet = lock_wallet(grant.wallet_id)
+        grant.status = CreditGrant.Status.ACTIVE
+        grant.remaining = grant.original_amount
+        grant.decided_at = timezone.now()
+        grant.save(update_fields=["status", "remaining", "decided_at"])
+        _activate(grant=grant, wallet=wallet, reference=reference or f"grant:{grant.pk}")
+        audit_record(actor=actor, actor_label=actor_label, action="grant.activate_paid", obj=grant,
+                     changes={"reference": reference})
+    return grant
+
+
 def grant_reject(*, grant_id: int, user, reason: str = "") -> CreditGrant:
     """Reject a pending grant; it never becomes usable."""
     with transaction.atomic():

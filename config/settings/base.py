@@ -180,6 +180,17 @@ CREDITDESK_MAX_HOLD_TTL_SECONDS = int(env("CREDITDESK_MAX_HOLD_TTL_SECONDS", str
 # in the default cache (per process unless CACHES points at a shared cache).
 CREDITDESK_API_RATE_LIMIT = env("CREDITDESK_API_RATE_LIMIT") or None
 
+# --- Invoices and payments --------------------------------------------------
+# Days from issue to due date for customers without a billing profile.
+CREDITDESK_INVOICE_NET_TERMS_DAYS = int(env("CREDITDESK_INVOICE_NET_TERMS_DAYS", "30"))
+# The seller named on invoices (HTML and PDF).
+CREDITDESK_INVOICE_SELLER = env("CREDITDESK_INVOICE_SELLER", "Creditdesk")
+# Standard Webhooks secret ("whsec_<base64>") of the payment provider's webhook;
+# unset: POST /api/v1/payments/webhook refuses every call.
+PAYMENTS_WEBHOOK_SECRET = env("PAYMENTS_WEBHOOK_SECRET")
+# Signed payment webhooks older or newer than this (seconds) are refused (replay guard).
+PAYMENTS_WEBHOOK_TOLERANCE_SECONDS = int(env("PAYMENTS_WEBHOOK_TOLERANCE_SECONDS", "300"))
+
 # --- Alerts and notifications ----------------------------------------------
 ALERTS_SMS_BACKEND = env("ALERTS_SMS_BACKEND", "console")  # console | twilio
 TWILIO_ACCOUNT_SID = env("TWILIO_ACCOUNT_SID")

@@ -1,0 +1,158 @@
+"""An invoice as a document: the same figures for the HTML view, the PDF and
+the email. Reads only; the figures come from the invoice as the services left
+it (amounts are already rounded to the currency), formatted here for people.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.conf import settings
+from django.template.loader import render_to_string
+from django.utils import timezone
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.units import mm
+from reportlab.lib.utils import simpleSplit
+from reportlab.pdfgen import canvas
+
+from billing.models import Invoice
+from billing.numbers import minor_units, round_money
+
+
+def money(value: Decimal, currency: str) -> str:
+    """``1,234.50 USD``: the currency's minor units, thousands separated."""
+    places = minor_units(currency)
+    return f"{round_money(value, currency):,.{places}f} {currency}"
+
+
+def quantity_text(value: Decimal) -> str:
+    return f"{value.normalize():f}"
+
+
+@dataclass(frozen=True)
+class DocumentLine:
+    kind: str
+    description: str
+    quantity: str
+    unit_price: str
+    amount: str
+
+
+@dataclass(frozen=True)
+class InvoiceDocument:
+    title: str
+    number: str
+    status: str
+    seller: str
+    customer_name: str
+    customer_id: str
+    billing_email: str
+    issued: str
+    due: str
+    currency: str
+    lines: list[DocumentLine]
+    subtotal: str
+    tax_label: str
+    tax: str
+    total: str
+    paid: str
+    amount_due: str
+    memo: str
+
+
+def _date(value) -> str:
+    return timezone.localtime(value).strftime("%Y-%m-%d") if value else "-"
+
+
+def invoice_document(invoice: Invoice) -> InvoiceDocument:
+    cur = invoice.currency
+    lines = [
+        DocumentLine(kind=line.get_kind_display(), description=line.description,
+                     quantity=quantity_text(line.quantity), unit_price=f"{line.unit_price.normalize():f} {cur}",
+                     amount=money(line.amount, cur))
+        for line in invoice.lines.order_by("position", "pk")
+    ]
+    number = invoice.number or f"Draft #{invoice.pk}"
+    return InvoiceDocument(
+        title=f"Invoice {number}", number=number, status=invoice.get_status_display(),
+        seller=settings.CREDITDESK_INVOICE_SELLER, customer_name=invoice.customer.name,
+        customer_id=invoice.customer.external_id, billing_email=invoice.billing_email,
+        issued=_date(invoice.issued_at), due=_date(invoice.due_at), currency=cur, lines=lines,
+        subtotal=money(invoice.subtotal, cur), tax_label=f"Tax ({invoice.tax_rate.normalize():f}%)",
+        tax=money(invoice.tax, cur), total=money(invoice.total, cur), paid=money(invoice.amount_paid, cur),
+        amount_due=money(invoice.amount_due, cur), memo=invoice.memo,
+    )
+
+
+def render_html(invoice: Invoice) -> str:
+    return render_to_string("billing/invoices/invoice.html", {"doc": invoice_document(invoice)})
+
+
+def render_pdf(invoice: Invoice, *, compress: bool = True) -> bytes:
+    """A4 PDF of the invoice; lines flow onto further pages as needed."""
+    doc = invoice_document(invoice)
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, pagesize=A4, pageCompression=1 if compress else 0)
+    pdf.setTitle(doc.title)
+    pdf.setAuthor(doc.seller)
+    width, height = A4
+    left, right, bottom = 20 * mm, width - 20 * mm, 25 * mm
+    columns = (left, left + 95 * mm, left + 115 * mm, right)  # description, qty, unit price, amount (right edge)
+
+    def header() -> float:
+        pdf.setFont("Helvetica-Bold", 16)
+        pdf.drawString(left, height - 25 * mm, doc.title)
+        pdf.setFont("Helvetica", 9)
+        pdf.drawRightString(right, height - 25 * mm, doc.seller)
+        y = height - 35 * mm
+        for label, value in (("Status", doc.status), ("Customer", f"{doc.customer_name} ({doc.customer_id})"),
+                             ("Billing email", doc.billing_email or "-"), ("Issued", doc.issued),
+                             ("Due", doc.due), ("Currency", doc.currency)):
+            pdf.drawString(left, y, f"{label}:")
+            pdf.drawString(left + 30 * mm, y, value)
+            y -= 5 * mm
+        y -= 4 * mm
+        pdf.setFont("Helvetica-Bold", 9)
+        pdf.drawString(columns[0], y, "Description")
+        pdf.drawRightString(columns[1] + 15 * mm, y, "Quantity")
+        pdf.drawRightString(columns[2] + 35 * mm, y, "Unit price")
+        pdf.drawRightString(columns[3], y, "Amount")
+        pdf.line(left, y - 2 * mm, right, y - 2 * mm)
+        pdf.setFont("Helvetica", 9)
+        return y - 7 * mm
+
+    y = header()
+    for line in doc.lines:
+        wrapped = simpleSplit(line.description, "Helvetica", 9, 90 * mm) or [""]
+        needed = 5 * mm * len(wrapped)
+        if y - needed < bottom:
+            pdf.showPage()
+            y = header()
+        pdf.drawRightString(columns[1] + 15 * mm, y, line.quantity)
+        pdf.drawRightString(columns[2] + 35 * mm, y, line.unit_price)
+        pdf.drawRightString(columns[3], y, line.amount)
+        for part in wrapped:
+            pdf.drawString(columns[0], y, part)
+            y -= 5 * mm
+    if y - 40 * mm < bottom:
+        pdf.showPage()
+        y = header()
+    pdf.line(left + 95 * mm, y, right, y)
+    y -= 6 * mm
+    for label, value, bold in (("Subtotal", doc.subtotal, False), (doc.tax_label, doc.tax, False),
+                               ("Total", doc.total, True), ("Paid", doc.paid, False),
+                               ("Amount due", doc.amount_due, True)):
+        pdf.setFont("Helvetica-Bold" if bold else "Helvetica", 9)
+        pdf.drawString(left + 95 * mm, y, label)
+        pdf.drawRightString(right, y, value)
+        y -= 5 * mm
+    if doc.memo:
+        pdf.setFont("Helvetica", 9)
+        for part in simpleSplit(doc.memo, "Helvetica", 9, right - left):
+            y -= 5 * mm
+            pdf.drawString(left, y, part)
+    pdf.showPage()
+    pdf.save()
+    return buffer.getvalue()
