@@ -7,4 +7,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("billing.api.urls")),
     path("api/v1/", include("alerts.urls")),
+    path("alerts/", include("alerts.demo_receiver")),  # demo only: ALERTS_DEMO_RECEIVER
 ]

@@ -120,3 +120,36 @@ def test_demo_api_key_reads_a_balance(demo, client):
     response = client.get("/api/v1/customers/novalabs/balance", HTTP_AUTHORIZATION=f"Bearer {DEMO_API_KEY}")
     assert response.status_code == 200, response.content
     assert response.json()["by_kind"]["promotional"] == str(CreditGrant.objects.get(wallet__customer__external_id="novalabs").remaining)
+
+
+def _alerts_rows() -> dict[str, list]:
+    return {model._meta.label: sorted(model.objects.values_list(flat=False))
+            for model in apps.get_app_config("alerts").get_models() if not model._meta.proxy}
+
+
+def test_alerts_demo_sets_up_once(demo):
+    from alerts.models import AlertRule, AlertsProfile, AutoTopUp, WebhookEndpoint
+
+    call_command("seed_alerts_demo", url="http://127.0.0.1:8000", stdout=StringIO())
+    before, users_before = _alerts_rows(), _row_counts()
+    second = StringIO()
+    call_command("seed_alerts_demo", url="http://127.0.0.1:8000", stdout=second)
+    assert _alerts_rows() == before and _row_counts() == users_before
+    assert "nothing to do" in second.getvalue()
+
+    rule = AlertRule.objects.get(scope=AlertRule.Scope.GLOBAL)
+    assert sorted((lv.kind, int(lv.value), lv.severity) for lv in rule.levels.all()) == [
+        ("absolute", 0, "critical"), ("days_left", 7, "info"),
+        ("percent", 10, "critical"), ("percent", 20, "warning"), ("percent", 50, "info")]
+    assert AlertsProfile.objects.filter(customer__external_id__in=DEMO_CUSTOMERS).count() == 3
+    assert AlertsProfile.objects.exclude(technical_phone="").get().customer.external_id == "pixelforge"
+    endpoint = WebhookEndpoint.objects.get()
+    assert endpoint.url == f"http://127.0.0.1:8000/alerts/demo-receiver/{endpoint.pk}" and endpoint.enabled
+    assert set(endpoint.event_types) >= {"wallet.balance_low", "wallet.balance_recovered", "wallet.topped_up"}
+    auto = AutoTopUp.objects.get()
+    assert auto.wallet.customer.external_id == "pixelforge" and auto.enabled and auto.pack.code == "starter-10k"
+    assert auto.monthly_max_count and auto.monthly_max_credits and auto.cooldown
+    finance = get_user_model().objects.get(username="finance")
+    assert finance.email and finance.groups.filter(name="Finance").exists()
+    # Billing now watches Pixel Forge's thresholds (marks set by the first evaluation).
+    assert auto.wallet.alert_below is not None

@@ -4,15 +4,16 @@ The crossing hook (``evaluation.apply_plan``) records one ``AutoTopUpRun`` per
 breach under the wallet's row lock and queues ``auto_top_up_execute`` after
 the charge commits; credits never move inside the charge transaction. The
 purchase goes through billing (``pack_purchase`` with source ``auto_top_up``,
-or ``grant_create`` waiting for approval), so the grant, its cost basis from
-the pack, the purchase record and the ledger entries are billing's own.
+its grant waiting for approval or payment where the settings say so), so the
+grant, its cost basis from the pack, the purchase record and the ledger entries
+are billing's own.
 """
 
 from __future__ import annotations
 
 import math
 import zoneinfo
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.db import transaction
 from django.utils import timezone
@@ -24,9 +25,9 @@ from alerts.services.notifications import notify
 from billing.errors import BillingError, Conflict
 from billing.models import CreditGrant, Wallet
 from billing.numbers import ZERO, round_credits
-from billing.services.grants import grant_create, grant_void
+from billing.services.grants import grant_void
 from billing.services.locks import lock_wallet
-from billing.services.packs import pack_price, pack_purchase
+from billing.services.packs import pack_purchase
 
 ACTOR = "auto top-up"
 BUSY_STATUSES = (AutoTopUpRun.Status.AWAITING_PAYMENT, AutoTopUpRun.Status.PENDING_APPROVAL)
@@ -114,25 +115,16 @@ def auto_top_up_execute(*, run_id: int, now: datetime | None = None) -> AutoTopU
         run.quantity, run.credits = quantity, credits
         try:
             with transaction.atomic():
+                purchase = pack_purchase(wallet=wallet, pack=pack, quantity=quantity, actor_label=ACTOR,
+                                         idempotency_key=run.idempotency_key, source=CreditGrant.Source.AUTO_TOP_UP,
+                                         pending_payment=auto.await_payment, require_approval=auto.require_approval)
+                run.purchase, run.grant = purchase, purchase.grant
                 if auto.require_approval:
-                    _, _, total = pack_price(pack=pack, quantity=quantity)
-                    grant = grant_create(
-                        wallet=wallet, kind=pack.kind, amount=credits, source=CreditGrant.Source.AUTO_TOP_UP,
-                        expires_at=now + timedelta(days=pack.validity_days) if pack.validity_days else None,
-                        effective_at=now, priority=pack.priority, price_paid=total, currency=pack.currency,
-                        reason=f"Auto top-up: {quantity} × {pack.name}", actor_label=ACTOR,
-                        idempotency_key=run.idempotency_key, require_approval=True,
-                    )
-                    run.grant = grant
                     run.status = AutoTopUpRun.Status.PENDING_APPROVAL
+                elif auto.await_payment:
+                    run.status = AutoTopUpRun.Status.AWAITING_PAYMENT
                 else:
-                    purchase = pack_purchase(wallet=wallet, pack=pack, quantity=quantity, actor_label=ACTOR,
-                                             idempotency_key=run.idempotency_key,
-                                             source=CreditGrant.Source.AUTO_TOP_UP,
-                                             pending_payment=auto.await_payment)
-                    run.purchase, run.grant = purchase, purchase.grant
-                    run.status = (AutoTopUpRun.Status.AWAITING_PAYMENT if auto.await_payment
-                                  else AutoTopUpRun.Status.SUCCEEDED)
+                    run.status = AutoTopUpRun.Status.SUCCEEDED
         except BillingError as exc:
             run.status = AutoTopUpRun.Status.FAILED
             run.detail = exc.message[:255]

@@ -26,10 +26,12 @@ def pack_price(*, pack: CreditPack, quantity: int) -> tuple[Decimal, Decimal, De
 def pack_purchase(
     *, wallet: Wallet, pack: CreditPack, quantity: int = 1, purchased_by=None, actor_label: str = "",
     idempotency_key: str | None = None, source: str = CreditGrant.Source.PACK_PURCHASE,
-    pending_payment: bool = False,
+    pending_payment: bool = False, require_approval: bool = False,
 ) -> PackPurchase:
     """Sell ``quantity`` packs: one grant of pack.credits × quantity whose cost
     basis is the price paid ÷ credits, expiring after the pack's validity.
+    With ``require_approval`` the grant waits in ``pending_approval`` (nothing
+    usable until finance approves); the purchase record exists at once.
     Idempotent on ``idempotency_key``: a replay returns the first purchase; the
     same key for another wallet, pack or quantity raises IdempotencyConflict."""
     if not pack.active:
@@ -50,7 +52,7 @@ def pack_purchase(
                 expires_at=now + timedelta(days=pack.validity_days) if pack.validity_days else None,
                 effective_at=now, priority=pack.priority, price_paid=total, currency=pack.currency,
                 reason=f"{quantity} × {pack.name}", requested_by=purchased_by, actor_label=actor_label,
-                require_approval=False, pending_payment=pending_payment,
+                require_approval=require_approval, pending_payment=pending_payment,
                 idempotency_key=f"pack:{idempotency_key}" if idempotency_key else None,
             )
             purchase = PackPurchase.objects.create(

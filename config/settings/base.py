@@ -204,6 +204,9 @@ ALERTS_RETRY_MAX_SECONDS = int(env("ALERTS_RETRY_MAX_SECONDS", "21600"))
 ALERTS_WEBHOOK_DISABLE_AFTER = int(env("ALERTS_WEBHOOK_DISABLE_AFTER", "10"))
 ALERTS_TOP_UP_URL = env("ALERTS_TOP_UP_URL")
 ALERTS_PAUSE_WHEN_DEPLETED = env_bool("ALERTS_PAUSE_WHEN_DEPLETED", True)
+# The demo webhook receiver at /alerts/demo-receiver/<endpoint id> (verifies signatures, stores nothing);
+# it answers 404 unless this is on or DEBUG is.
+ALERTS_DEMO_RECEIVER = env_bool("ALERTS_DEMO_RECEIVER", True)
 
 # --- Logging ----------------------------------------------------------------
 LOGGING = {

@@ -179,6 +179,7 @@ def test_require_approval_waits_in_finance_queue(feature, pack, mailoutbox):
     run = AutoTopUpRun.objects.get()
     assert run.status == AutoTopUpRun.Status.PENDING_APPROVAL
     assert run.grant.status == CreditGrant.Status.PENDING_APPROVAL
+    assert run.purchase == PackPurchase.objects.get(wallet=wallet) and run.purchase.grant == run.grant
     assert any("awaits approval" in m.subject for m in mailoutbox)
     assert wallet_balance(wallet).available == Decimal("90")
 

@@ -97,6 +97,23 @@ def test_purchase_awaiting_payment_adds_nothing_yet(pack, wallet):
 
 
 @pytest.mark.django_db
+def test_purchase_awaiting_approval_is_recorded_and_adds_nothing_until_approved(pack, wallet):
+    from billing.services.grants import grant_approve
+    from tests.factories import UserFactory
+
+    purchase = pack_purchase(wallet=wallet, pack=pack, quantity=3, require_approval=True,
+                             idempotency_key="approve-me", actor_label="auto top-up")
+    assert PackPurchase.objects.get(idempotency_key="approve-me") == purchase
+    assert (purchase.grant.status, purchase.grant.remaining) == (CreditGrant.Status.PENDING_APPROVAL, 0)
+    assert purchase.total_price == D("27.00") and purchase.grant.price_paid == D("27.00")
+    assert wallet_balance(default_wallet(wallet.customer)).available == 0
+
+    grant_approve(grant_id=purchase.grant_id, user=UserFactory(is_superuser=True))
+    assert wallet_balance(default_wallet(wallet.customer)).available == D("2100")
+    assert_ledger_consistent(wallet)
+
+
+@pytest.mark.django_db
 def test_inactive_pack_or_no_quantity_is_refused(pack, wallet):
     with pytest.raises(InvalidRequest):
         pack_purchase(wallet=wallet, pack=pack, quantity=0)
