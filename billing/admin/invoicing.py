@@ -1,0 +1,274 @@
+"""Invoices and payments in the back office: draft → add lines → issue (number,
+email with PDF) → record payment or void; the HTML view and the PDF download;
+billing profiles (billing email, net terms, tax rate). Finance works here,
+auditors read. Every change goes through ``billing.services.invoices``.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.widgets import AdminSplitDateTime, ForeignKeyRawIdWidget
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponse, HttpResponseRedirect
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from billing.admin.base import (
+    AuditedAdminMixin,
+    AuditHistoryMixin,
+    BillingModelAdmin,
+    Operation,
+    OperationsMixin,
+    ReadOnlyAdminMixin,
+    admin_link,
+    render_form_page,
+    run_service,
+)
+from billing.forms import ReasonForm, SubmissionTokenMixin
+from billing.invoice_document import render_html, render_pdf
+from billing.models import BillingProfile, Customer, Invoice, InvoiceLine, InvoiceNumberCounter, Payment
+from billing.numbers import MAX_QUANTITY, MAX_RATE
+from billing.services.invoices import (
+    invoice_add_line,
+    invoice_create_draft,
+    invoice_issue,
+    invoice_void,
+    payment_record,
+)
+
+MONEY_MAX = Decimal("9999999999999999.99")
+
+
+class InvoiceDraftForm(forms.Form):
+    customer = forms.ModelChoiceField(queryset=Customer.objects.all())
+    tax_rate = forms.DecimalField(max_digits=7, decimal_places=4, min_value=0, max_value=100, required=False,
+                                  help_text="Percent; empty: the customer's billing profile.")
+    net_terms_days = forms.IntegerField(min_value=0, max_value=365, required=False,
+                                        help_text="Days to pay; empty: the customer's billing profile.")
+    memo = forms.CharField(max_length=500, required=False, widget=forms.Textarea(attrs={"rows": 2}))
+
+    def __init__(self, *args, admin_site=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if admin_site is not None:
+            self.fields["customer"].widget = ForeignKeyRawIdWidget(
+                Invoice._meta.get_field("customer").remote_field, admin_site)
+
+
+class InvoiceLineForm(forms.Form):
+    kind = forms.ChoiceField(choices=[c for c in InvoiceLine.Kind.choices if c[0] != InvoiceLine.Kind.PACK_PURCHASE])
+    description = forms.CharField(max_length=500)
+    quantity = forms.DecimalField(max_digits=20, decimal_places=6, min_value=Decimal("0.000001"),
+                                  max_value=MAX_QUANTITY, initial=1)
+    unit_price = forms.DecimalField(max_digits=20, decimal_places=10, min_value=-MAX_RATE, max_value=MAX_RATE,
+                                    help_text="Negative for a credit note.")
+
+
+class PaymentForm(SubmissionTokenMixin):
+    amount = forms.DecimalField(max_digits=20, decimal_places=4, min_value=Decimal("0.0001"), max_value=MONEY_MAX)
+    reference = forms.CharField(max_length=255, required=False, help_text="Bank transfer or provider reference.")
+    received_at = forms.SplitDateTimeField(widget=AdminSplitDateTime, required=False,
+                                           help_text="Empty: now.")
+
+
+def _issue(request, invoice, data):
+    invoice_issue(invoice_id=invoice.pk, actor=request.user)
+
+
+def _void(request, invoice, data):
+    invoice_void(invoice_id=invoice.pk, reason=data["reason"], actor=request.user)
+
+
+def _add_line(request, invoice, data):
+    invoice_add_line(invoice_id=invoice.pk, kind=data["kind"], description=data["description"],
+                     quantity=data["quantity"], unit_price=data["unit_price"], actor=request.user)
+
+
+def _record_payment(request, invoice, data):
+    payment_record(invoice_id=invoice.pk, amount=data["amount"], reference=data.get("reference", ""),
+                   received_at=data.get("received_at") or timezone.now(),
+                   provider_event_id=f"admin:{data['token']}", actor=request.user)
+
+
+class InvoiceLineInline(admin.TabularInline):
+    model = InvoiceLine
+    fields = ("position", "kind", "description", "quantity", "unit_price", "amount", "pack_purchase")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class PaymentInline(admin.TabularInline):
+    model = Payment
+    fields = ("received_at", "amount", "currency", "method", "reference", "recorded_by")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Invoice)
+class InvoiceAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
+    list_display = ("display_number", "customer_link", "status", "total", "amount_paid", "currency", "issued_at",
+                    "due_at")
+    list_display_links = ("display_number",)
+    list_select_related = ("customer",)
+    list_filter = ("status", "year", ("customer", admin.RelatedOnlyFieldListFilter), "issued_at")
+    search_fields = ("=number", "customer__external_id", "customer__name")
+    search_help_text = "Invoice number (exact), or customer external id or name."
+    ordering = ("-created_at", "-id")
+    inlines = (InvoiceLineInline, PaymentInline)
+    readonly_fields = ("display_number", "customer_link", "status", "currency", "tax_rate", "net_terms_days",
+                       "subtotal", "tax", "total", "amount_paid", "amount_due", "billing_email", "memo",
+                       "issued_at", "due_at", "paid_at", "emailed_at", "voided_at", "void_reason", "created_by",
+                       "created_at", "documents")
+    fieldsets = (
+        (None, {"fields": ("display_number", "customer_link", "status", "documents", "memo")}),
+        ("Amounts", {"fields": ("currency", "subtotal", "tax_rate", "tax", "total", "amount_paid", "amount_due")}),
+        ("Dates", {"fields": ("created_at", "issued_at", "net_terms_days", "due_at", "paid_at", "emailed_at",
+                              "billing_email")}),
+        ("Void", {"fields": ("voided_at", "void_reason"), "classes": ("collapse",)}),
+    )
+    operations = (
+        Operation("add_line", "Add line", "change", _add_line, "Added a line to {count} invoice(s).",
+                  form_class=InvoiceLineForm, available=lambda inv, user: inv.status == Invoice.Status.DRAFT,
+                  help="Amount = quantity × unit price, rounded to the invoice currency."),
+        Operation("issue", "Issue", "change", _issue, "Issued {count} invoice(s).",
+                  available=lambda inv, user: inv.status == Invoice.Status.DRAFT,
+                  help="Gives the invoice its number, sets the due date and emails it with the PDF."),
+        Operation("record_payment", "Record payment", "record_payment", _record_payment,
+                  "Recorded a payment on {count} invoice(s).", form_class=PaymentForm,
+                  available=lambda inv, user: inv.status == Invoice.Status.ISSUED,
+                  help="When the invoice is fully paid, credits waiting for it become usable."),
+        Operation("void", "Void", "change", _void, "Voided {count} invoice(s).", form_class=ReasonForm,
+                  available=lambda inv, user: inv.status in (Invoice.Status.DRAFT, Invoice.Status.ISSUED),
+                  help="An issued invoice keeps its number. Credits waiting for its payment are voided."),
+    )
+
+    def has_record_payment_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("billing.add_payment")
+
+    @admin.display(description="number", ordering="number")
+    def display_number(self, obj):
+        return str(obj)
+
+    @admin.display(description="customer", ordering="customer__name")
+    def customer_link(self, obj):
+        return admin_link(obj.customer, obj.customer.name)
+
+    @admin.display(description="amount due")
+    def amount_due(self, obj):
+        return obj.amount_due
+
+    @admin.display(description="documents")
+    def documents(self, obj):
+        return format_html('<a href="{}">View</a> · <a href="{}">Download PDF</a>',
+                           reverse("admin:billing_invoice_html", args=[obj.pk]),
+                           reverse("admin:billing_invoice_pdf", args=[obj.pk]))
+
+    def get_urls(self):
+        documents = [
+            path("<path:object_id>/html/", self.admin_site.admin_view(self.html_view), name="billing_invoice_html"),
+            path("<path:object_id>/pdf/", self.admin_site.admin_view(self.pdf_view), name="billing_invoice_pdf"),
+        ]
+        return documents + super().get_urls()
+
+    def _viewable(self, request, object_id) -> Invoice:
+        invoice = self.get_object(request, object_id)
+        if invoice is None or not self.has_view_or_change_permission(request, invoice):
+            raise PermissionDenied
+        return invoice
+
+    def html_view(self, request, object_id):
+        return HttpResponse(render_html(self._viewable(request, object_id)))
+
+    def pdf_view(self, request, object_id):
+        invoice = self._viewable(request, object_id)
+        response = HttpResponse(render_pdf(invoice), content_type="application/pdf")
+        response["Content-Disposition"] = f'attachment; filename="{invoice.number or f"draft-{invoice.pk}"}.pdf"'
+        return response
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = dict(extra_context or {})
+        invoice = self.get_object(request, object_id)
+        if invoice is not None:
+            extra_context["object_buttons"] = self.operation_buttons(request, invoice)
+        extra_context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
+        if request.method == "POST":
+            # Invoices change only through the operations above.
+            raise PermissionDenied
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def add_view(self, request, form_url="", extra_context=None):
+        """New draft invoice: ``invoice_create_draft``; lines are added on its page."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            form = InvoiceDraftForm(request.POST, admin_site=self.admin_site)
+            if form.is_valid():
+                data = form.cleaned_data
+                invoice = run_service(request, lambda: invoice_create_draft(
+                    customer=data["customer"], tax_rate=data["tax_rate"], net_terms_days=data["net_terms_days"],
+                    memo=data["memo"], actor=request.user))
+                if invoice is not None:
+                    messages.success(request, f"{invoice} created: add its lines, then issue it.")
+                    return HttpResponseRedirect(reverse("admin:billing_invoice_change", args=[invoice.pk]))
+        else:
+            form = InvoiceDraftForm(initial={"customer": request.GET.get("customer")}, admin_site=self.admin_site)
+        return render_form_page(self, request, form, title="New draft invoice", submit="Create draft",
+                                intro="The invoice gets its number when it is issued.")
+
+
+@admin.register(BillingProfile)
+class BillingProfileAdmin(AuditedAdminMixin, BillingModelAdmin):
+    list_display = ("customer", "billing_email", "net_terms_days", "tax_rate")
+    list_select_related = ("customer",)
+    search_fields = ("customer__external_id", "customer__name", "billing_email")
+    raw_id_fields = ("customer",)
+
+
+@admin.register(Payment)
+class PaymentAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
+    list_display = ("id", "invoice_link", "amount", "currency", "method", "reference", "received_at",
+                    "recorded_by")
+    list_select_related = ("invoice", "recorded_by")
+    list_filter = ("method", "received_at")
+    search_fields = ("=invoice__number", "reference", "provider_event_id")
+    ordering = ("-received_at", "-id")
+
+    @admin.display(description="invoice")
+    def invoice_link(self, obj):
+        return admin_link(obj.invoice)
+
+
+@admin.register(InvoiceLine)
+class InvoiceLineAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
+    list_display = ("id", "invoice_link", "kind", "description", "quantity", "unit_price", "amount")
+    list_select_related = ("invoice",)
+    list_filter = ("kind",)
+    search_fields = ("=invoice__number", "description")
+
+    @admin.display(description="invoice")
+    def invoice_link(self, obj):
+        return admin_link(obj.invoice)
+
+
+@admin.register(InvoiceNumberCounter)
+class InvoiceNumberCounterAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
+    list_display = ("year", "last_number")
+    ordering = ("-year",)
