@@ -12,6 +12,7 @@ from billing.api.customers import (
     GrantVoidApi,
 )
 from billing.api.features import FeatureCostCreateApi, FeaturesApi
+from billing.api.payments import PaymentWebhookApi
 from billing.api.reservations import (
     ReservationCaptureApi,
     ReservationCreateApi,
@@ -65,6 +66,7 @@ urlpatterns = [
          name="api-reservation-capture"),
     path("reservations/<rowid:reservation_id>/release", ReservationReleaseApi.as_view(),
          name="api-reservation-release"),
+    path("payments/webhook", PaymentWebhookApi.as_view(), name="api-payments-webhook"),
     re_path(r"^schema/?$", PublicSchemaView.as_view(), name="api-schema"),
     re_path(r"^docs/?$", PublicDocsView.as_view(url_name="api-schema"), name="api-docs"),
 ]

@@ -233,6 +233,11 @@ def payment_record(
     try:
         with transaction.atomic():
             invoice = lock_invoice(invoice_id)
+            if provider_event_id:
+                # A concurrent delivery of the same event may have committed while we waited for the lock.
+                existing = Payment.objects.filter(provider_event_id=provider_event_id).first()
+                if existing is not None:
+                    return existing
             if currency and currency.upper() != invoice.currency:
                 raise InvalidRequest(f"{invoice} is in {invoice.currency}, not {currency}.",
                                      details={"currency": f"must be {invoice.currency}"})
