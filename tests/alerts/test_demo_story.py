@@ -93,8 +93,8 @@ def _signed(endpoint: WebhookEndpoint, *, secret: str | None = None, body: dict 
             at=None) -> tuple[str, dict]:
     payload = json.dumps(body or {"type": "wallet.balance_low", "data": {"customer": "pixelforge"}})
     msg_id = f"msg_{uuid.uuid4().hex}"
-    signature = Webhook(secret or endpoint.secret).sign(msg_id, at or timezone.now(), payload)
     at = at or timezone.now()
+    signature = Webhook(secret or endpoint.secret).sign(msg_id, at, payload)
     headers = {"HTTP_WEBHOOK_ID": msg_id, "HTTP_WEBHOOK_TIMESTAMP": str(int(at.timestamp())),
                "HTTP_WEBHOOK_SIGNATURE": signature}
     return payload, headers
