@@ -56,6 +56,13 @@ def test_seed_twice_changes_nothing(demo):
     assert before["billing.UsageEvent"] > 2000
 
 
+def test_replayed_history_notifies_nobody(demo):
+    from billing.models import OutboxEvent
+
+    assert OutboxEvent.objects.exists()
+    assert not OutboxEvent.objects.filter(dispatched_at__isnull=True).exists()
+
+
 def test_every_demo_ledger_is_consistent(demo):
     for customer in Customer.objects.filter(external_id__in=DEMO_CUSTOMERS):
         for wallet in customer.wallets.all():

@@ -41,7 +41,16 @@ from django.db.models.signals import pre_save
 from django.utils import timezone as django_timezone
 
 from billing import roles, tasks
-from billing.models import ApiKey, CreditGrant, CreditPack, Customer, Feature, PackDiscountTier, Wallet
+from billing.models import (
+    ApiKey,
+    CreditGrant,
+    CreditPack,
+    Customer,
+    Feature,
+    OutboxEvent,
+    PackDiscountTier,
+    Wallet,
+)
 from billing.services.api_keys import hash_key
 from billing.services.features import feature_cost_create, feature_create
 from billing.services.grants import (
@@ -390,9 +399,16 @@ class Command(BaseCommand):
             )
         started = django_timezone.now()
         with transaction.atomic():
+            last_event = OutboxEvent.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
             story = Story(today=started)
             story.users()
             story.replay()
+            # The replayed history is 60 days old: nobody should be notified of it
+            # now. Its domain events are recorded but marked delivered, so
+            # subscribers (alerts, CRM) react only to what happens from here on.
+            OutboxEvent.objects.filter(pk__gt=last_event, dispatched_at__isnull=True).update(
+                dispatched_at=django_timezone.now()
+            )
         seconds = (django_timezone.now() - started).total_seconds()
         self.stdout.write(
             f"Demo data loaded in {seconds:.1f} s: {len(DEMO_CUSTOMERS)} customers, {len(FEATURES)} features, "
