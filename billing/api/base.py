@@ -43,8 +43,12 @@ def customer_wallet(external_id: str) -> Wallet:
         wallet = Wallet.objects.select_related("customer").filter(
             customer__external_id=external_id, is_default=True).first()
     if wallet is None:
-        raise NotFound(f"No customer with external_id {external_id!r}."[:300], details={"customer": "not found"})
+        raise customer_not_found(external_id)
     return wallet
+
+
+def customer_not_found(external_id: str) -> NotFound:
+    return NotFound(f"No customer with external_id {external_id!r}."[:300], details={"customer": "not found"})
 
 
 def active_feature(key: str, *, field: str = "feature", active_only: bool = True) -> Feature:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from django.db.models import prefetch_related_objects
+from decimal import Decimal
+
 from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 
@@ -12,11 +13,13 @@ from billing.api.base import (
     USAGE_WRITE,
     ApiView,
     active_feature,
+    customer_not_found,
     customer_wallet,
     errors,
     validated,
 )
 from billing.api.idempotency import idempotency_key, idempotency_parameter, run_idempotent
+from billing.api.inputs import MAX_ID_LENGTH, iso, storable
 from billing.api.pagination import PAGE_PARAMETERS, page_request, paginate
 from billing.api.serializers import (
     BalanceSerializer,
@@ -31,7 +34,7 @@ from billing.api.serializers import (
 )
 from billing.models import CreditGrant, Customer, LedgerEntry, Wallet
 from billing.numbers import ZERO
-from billing.selectors import wallet_balance
+from billing.selectors import customer_balance
 from billing.services.grants import customer_create, grant_create, grant_void
 
 
@@ -89,21 +92,39 @@ class CustomerBalanceApi(ApiView):
 
     @extend_schema(operation_id="customers_balance", responses={200: BalanceSerializer, **errors(404)})
     def get(self, request, external_id: str):
-        wallet = customer_wallet(external_id)
-        balance = wallet_balance(wallet)
-        prefetch_related_objects(balance.grants, "feature")
-        by_kind = {kind: ZERO for kind in CreditGrant.Kind.values}
-        by_kind.update(balance.by_kind)
-        return Response(BalanceSerializer({
-            "customer": wallet.customer.external_id,
-            "available": balance.available,
-            "ledger_balance": balance.ledger_balance,
-            "held": balance.held,
-            "overage": balance.overage,
-            "by_kind": by_kind,
-            "grants": balance.grants,
-            "as_of": balance.as_of,
-        }).data)
+        status, body = balance_body(external_id=external_id)
+        return Response(body, status=status)
+
+
+_CREDITS = Decimal("0.000001")
+
+
+def _credits(value: Decimal) -> str:
+    """As ``credits_field`` shows it (``BalanceSerializer``)."""
+    return str(Decimal(value).quantize(_CREDITS))
+
+
+def balance_body(*, external_id: str) -> tuple[int, dict]:
+    """GET …/balance: (200, the ``BalanceSerializer`` shape, built by hand from one
+    statement); 404 ``NotFound`` for an unknown customer."""
+    balance = customer_balance(external_id) if len(external_id) <= MAX_ID_LENGTH and storable(external_id) else None
+    if balance is None:
+        raise customer_not_found(external_id)
+    return 200, {
+        "customer": external_id,
+        "available": _credits(balance.available),
+        "ledger_balance": _credits(balance.ledger_balance),
+        "held": _credits(balance.held),
+        "overage": _credits(balance.overage),
+        "by_kind": {kind: _credits(total) for kind, total in balance.by_kind.items()},
+        "grants": [
+            {"id": g.id, "kind": g.kind, "remaining": _credits(g.remaining), "original": _credits(g.original_amount),
+             "priority": g.priority, "effective_at": iso(g.effective_at), "expires_at": iso(g.expires_at),
+             "status": g.status, "feature": g.feature_key}
+            for g in balance.grants
+        ],
+        "as_of": iso(balance.as_of),
+    }
 
 
 class CustomerLedgerApi(ApiView):

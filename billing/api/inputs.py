@@ -32,11 +32,19 @@ class DecimalJSONParser(parsers.JSONParser):
         parser_context = parser_context or {}
         encoding = parser_context.get("encoding", "utf-8")
         try:
-            raw = stream.read() if stream is not None else b""
-            text = raw.decode(encoding)
-            return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
-        except (ValueError, RecursionError, UnicodeError, TypeError) as exc:
+            return decode_json(stream.read() if stream is not None else b"", encoding)
+        except ValueError as exc:
             raise exceptions.ParseError(f"Malformed JSON body: {exc}"[:300]) from None
+
+
+def decode_json(raw: bytes, encoding: str = "utf-8"):
+    """``raw`` as JSON with exact decimals; any decoding failure is a ValueError."""
+    try:
+        return json.loads(raw.decode(encoding), parse_float=Decimal, parse_constant=_refuse_constant)
+    except ValueError:
+        raise
+    except (RecursionError, UnicodeError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _refuse_constant(name: str):

@@ -3,6 +3,7 @@
 from django.urls import path, re_path, register_converter
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from billing.api.base import BALANCE_READ, USAGE_WRITE
 from billing.api.customers import (
     CustomerBalanceApi,
     CustomerCreateApi,
@@ -10,7 +11,9 @@ from billing.api.customers import (
     CustomerGrantsApi,
     CustomerLedgerApi,
     GrantVoidApi,
+    balance_body,
 )
+from billing.api.fast import hot_route
 from billing.api.features import FeatureCostCreateApi, FeaturesApi
 from billing.api.payments import PaymentWebhookApi
 from billing.api.reservations import (
@@ -19,7 +22,7 @@ from billing.api.reservations import (
     ReservationDetailApi,
     ReservationReleaseApi,
 )
-from billing.api.usage import UsageBatchApi, UsageChargeApi, UsageCheckApi
+from billing.api.usage import UsageBatchApi, UsageChargeApi, UsageCheckApi, charge_batch, charge_one
 
 
 class RowIdConverter:
@@ -50,15 +53,19 @@ class PublicDocsView(SpectacularSwaggerView):
 urlpatterns = [
     path("customers", CustomerCreateApi.as_view(), name="api-customers"),
     # external_id may contain "/" (sent as %2F): the suffixed routes come first.
-    path("customers/<path:external_id>/balance", CustomerBalanceApi.as_view(), name="api-customer-balance"),
+    path("customers/<path:external_id>/balance", hot_route(
+        CustomerBalanceApi.as_view(), "GET, HEAD, OPTIONS", "GET", (BALANCE_READ,), balance_body, with_body=False), name="api-customer-balance"),
     path("customers/<path:external_id>/ledger", CustomerLedgerApi.as_view(), name="api-customer-ledger"),
     path("customers/<path:external_id>/grants", CustomerGrantsApi.as_view(), name="api-customer-grants"),
     path("customers/<path:external_id>", CustomerDetailApi.as_view(), name="api-customer"),
     path("grants/<rowid:grant_id>/void", GrantVoidApi.as_view(), name="api-grant-void"),
     path("features", FeaturesApi.as_view(), name="api-features"),
     path("features/<str:key>/costs", FeatureCostCreateApi.as_view(), name="api-feature-costs"),
-    path("usage", UsageChargeApi.as_view(), name="api-usage"),
-    path("usage/batch", UsageBatchApi.as_view(), name="api-usage-batch"),
+    # The hot routes: plain Django views for the ordinary request, the DRF view for the rest (billing/api/fast.py).
+    path("usage", hot_route(UsageChargeApi.as_view(), "POST, OPTIONS", "POST", (USAGE_WRITE,), charge_one,
+                            with_body=True), name="api-usage"),
+    path("usage/batch", hot_route(UsageBatchApi.as_view(), "POST, OPTIONS", "POST", (USAGE_WRITE,), charge_batch,
+                                  with_body=True), name="api-usage-batch"),
     path("usage/check", UsageCheckApi.as_view(), name="api-usage-check"),
     path("reservations", ReservationCreateApi.as_view(), name="api-reservations"),
     path("reservations/<rowid:reservation_id>", ReservationDetailApi.as_view(), name="api-reservation"),

@@ -9,12 +9,14 @@ the engine's ``ChargeResult`` status and body as they are, so a replay of an
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
 from django.db import DEFAULT_DB_ALIAS, connection
 from django.db.models import Sum
+from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework.response import Response
@@ -85,12 +87,40 @@ class Resolved:
     feature: Feature
 
 
+# (customer external_id, feature key) -> (expires at, row of _RESOLVE_SQL). Only rows
+# that resolved both are kept, for RESOLVE_CACHE_SECONDS: a customer's default
+# wallet or a feature's active flag changed in another process is seen within
+# that; a change saved in this process clears the cache at once (signals below).
+RESOLVE_CACHE_SECONDS = 5.0
+_RESOLVE_CACHE_MAX = 20_000
+_resolved: dict[tuple[str, str], tuple[float, tuple]] = {}
+
+
+def resolve_cache_clear(**_kwargs) -> None:
+    _resolved.clear()
+
+
+for _model in (Customer, Wallet, Feature):
+    post_save.connect(resolve_cache_clear, sender=_model, dispatch_uid=f"usage-resolve-{_model.__name__}")
+    post_delete.connect(resolve_cache_clear, sender=_model, dispatch_uid=f"usage-resolve-del-{_model.__name__}")
+
+
 def resolve(customer: str, feature_key: str) -> Resolved:
     """The customer, its default wallet and the active feature, in one statement
-    (the hot path: no ORM query compilation). 404 naming whichever is unknown."""
-    with connection.cursor() as cursor:
-        cursor.execute(_RESOLVE_SQL, [feature_key, customer])
-        row = cursor.fetchone()
+    (the hot path: no ORM query compilation), cached briefly in-process (see
+    ``RESOLVE_CACHE_SECONDS``; a miss is never cached). 404 naming whichever is unknown."""
+    clock = time.monotonic()
+    cached = _resolved.get((customer, feature_key))
+    if cached is not None and cached[0] > clock:
+        row = cached[1]
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(_RESOLVE_SQL, [feature_key, customer])
+            row = cursor.fetchone()
+        if row is not None and row[6] is not None:
+            if len(_resolved) >= _RESOLVE_CACHE_MAX:
+                _resolved.clear()
+            _resolved[(customer, feature_key)] = (clock + RESOLVE_CACHE_SECONDS, row)
     if row is None:
         raise NotFound(f"No customer with external_id {customer!r}."[:300], details={"customer": "not found"})
     if row[6] is None:
@@ -143,12 +173,18 @@ class UsageChargeApi(ApiView):
             "customer": "acme", "feature": "api-call", "quantity": "3", "event_id": "evt_123"})],
     )
     def post(self, request):
-        now = timezone.now()
-        event = parse_usage(request.data, with_event_id=True)
-        found = resolve(event.customer, event.feature)
-        check_event(event, found.feature, now)
-        result = usage_charge(charge_request(event, found.customer, found.wallet_id, found.feature), now=now)
-        return Response(result.body, status=result.http_status)
+        status, body = charge_one(request.data)
+        return Response(body, status=status)
+
+
+def charge_one(data) -> tuple[int, dict]:
+    """POST /usage for a parsed body: (status, body); raises BillingError for a refusal."""
+    now = timezone.now()
+    event = parse_usage(data, with_event_id=True)
+    found = resolve(event.customer, event.feature)
+    check_event(event, found.feature, now)
+    result = usage_charge(charge_request(event, found.customer, found.wallet_id, found.feature), now=now)
+    return result.http_status, result.body
 
 
 def _rejected(event_id: str | None, error: dict) -> dict:
@@ -178,48 +214,54 @@ class UsageBatchApi(ApiView):
     @extend_schema(operation_id="usage_batch", request=UsageBatchInput,
                    responses={200: UsageBatchSerializer, **errors(400)})
     def post(self, request):
-        now = timezone.now()
-        body = inputs.body_object(request.data)
-        events = body.get("events")
-        if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
-            raise InvalidRequest(f"events must be a list of 1 to {MAX_BATCH} usage events.",
-                                 details={"events": f"must be a list of 1 to {MAX_BATCH} events"})
-        items: list[dict | None] = [None] * len(events)
-        parsed: dict[int, UsageInput] = {}
-        for index, raw in enumerate(events):
-            try:
-                parsed[index] = parse_usage(raw, with_event_id=True)
-            except InvalidRequest as exc:
-                items[index] = _rejected(_event_id_of(raw), exc.as_envelope()["error"])
+        status, body = charge_batch(request.data)
+        return Response(body, status=status)
 
-        customers = {e.customer for e in parsed.values()}
-        keys = {e.feature for e in parsed.values()}
-        wallets = {w.customer.external_id: w for w in Wallet.objects.select_related("customer").filter(
-            customer__external_id__in=customers, is_default=True)} if customers else {}
-        features = {f.key: f for f in Feature.objects.filter(key__in=keys, active=True)} if keys else {}
 
-        requests: list[ChargeRequest] = []
-        positions: list[int] = []
-        for index, event in parsed.items():
-            try:
-                wallet = wallets.get(event.customer)
-                if wallet is None:
-                    raise NotFound(f"No customer with external_id {event.customer!r}."[:300],
-                                   details={"customer": "not found"})
-                feature = features.get(event.feature)
-                if feature is None:
-                    raise NotFound(f"No active feature with key {event.feature!r}."[:300],
-                                   details={"feature": "not found"})
-                check_event(event, feature, now)
-            except (InvalidRequest, NotFound) as exc:
-                items[index] = _rejected(event.event_id, exc.as_envelope()["error"])
-                continue
-            requests.append(charge_request(event, wallet.customer, wallet.pk, feature))
-            positions.append(index)
+def charge_batch(data) -> tuple[int, dict]:
+    """POST /usage/batch for a parsed body: (200, results); raises BillingError for a bad envelope."""
+    now = timezone.now()
+    body = inputs.body_object(data)
+    events = body.get("events")
+    if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
+        raise InvalidRequest(f"events must be a list of 1 to {MAX_BATCH} usage events.",
+                             details={"events": f"must be a list of 1 to {MAX_BATCH} events"})
+    items: list[dict | None] = [None] * len(events)
+    parsed: dict[int, UsageInput] = {}
+    for index, raw in enumerate(events):
+        try:
+            parsed[index] = parse_usage(raw, with_event_id=True)
+        except InvalidRequest as exc:
+            items[index] = _rejected(_event_id_of(raw), exc.as_envelope()["error"])
 
-        for index, result in zip(positions, usage_charge_many(requests, now=now), strict=True):
-            items[index] = _batch_item(result)
-        return Response({"results": items})
+    customers = {e.customer for e in parsed.values()}
+    keys = {e.feature for e in parsed.values()}
+    wallets = {w.customer.external_id: w for w in Wallet.objects.select_related("customer").filter(
+        customer__external_id__in=customers, is_default=True)} if customers else {}
+    features = {f.key: f for f in Feature.objects.filter(key__in=keys, active=True)} if keys else {}
+
+    requests: list[ChargeRequest] = []
+    positions: list[int] = []
+    for index, event in parsed.items():
+        try:
+            wallet = wallets.get(event.customer)
+            if wallet is None:
+                raise NotFound(f"No customer with external_id {event.customer!r}."[:300],
+                               details={"customer": "not found"})
+            feature = features.get(event.feature)
+            if feature is None:
+                raise NotFound(f"No active feature with key {event.feature!r}."[:300],
+                               details={"feature": "not found"})
+            check_event(event, feature, now)
+        except (InvalidRequest, NotFound) as exc:
+            items[index] = _rejected(event.event_id, exc.as_envelope()["error"])
+            continue
+        requests.append(charge_request(event, wallet.customer, wallet.pk, feature))
+        positions.append(index)
+
+    for index, result in zip(positions, usage_charge_many(requests, now=now), strict=True):
+        items[index] = _batch_item(result)
+    return 200, {"results": items}
 
 
 def _event_id_of(raw) -> str | None:

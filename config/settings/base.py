@@ -50,11 +50,12 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "billing.api.middleware.ApiErrorEnvelopeMiddleware",  # error envelope for every /api/ response
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    # Session, CSRF, auth and messages: not run for /api/ (bearer keys only), see billing/api/middleware.py.
+    "billing.api.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "billing.api.middleware.CsrfViewMiddleware",
+    "billing.api.middleware.AuthenticationMiddleware",
+    "billing.api.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
@@ -83,7 +84,9 @@ if not env("DATABASE_URL"):
 
     ensure_database_url()
 DATABASES = {"default": dj_database_url.parse(env("DATABASE_URL"), conn_max_age=int(env("DB_CONN_MAX_AGE", "60")))}
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Off: a health check is one more round trip (SELECT 1) per request on the hot path; a connection
+# broken meanwhile fails one request and is then closed by Django (errors_occurred).
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = env_bool("DB_CONN_HEALTH_CHECKS", False)
 DATABASES["default"]["TEST"] = {"NAME": env("DATABASE_TEST_NAME", "test_creditdesk")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
