@@ -769,3 +769,109 @@ class Payment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.amount} {self.currency} on {self.invoice}"
+
+
+# --- Plans and subscriptions ---------------------------------------------------
+# Written only by billing.services.plans (DESIGN.md §6).
+
+
+class Plan(models.Model):
+    class Period(models.TextChoices):
+        MONTHLY = "monthly", "Monthly"
+        ANNUAL = "annual", "Annual"
+
+    class OveragePolicy(models.TextChoices):
+        BLOCK = "block", "Block when the included credits are used up"
+        OVERDRAFT = "overdraft", "Overdraft, billed at the overage price"
+
+    code = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=255)
+    currency = models.CharField(max_length=3, default="USD", validators=[validate_currency])
+    period = models.CharField(max_length=8, choices=Period.choices, default=Period.MONTHLY)
+    base_fee = MoneyField(default=ZERO, help_text="Billed per period.")
+    included_credits = CreditField(default=ZERO, help_text="Granted at each period start, expiring at its end.")
+    overage_policy = models.CharField(max_length=10, choices=OveragePolicy.choices, default=OveragePolicy.BLOCK)
+    overage_price = RateField(default=ZERO, help_text="Money per credit used beyond the included credits.")
+    overage_cap = CreditField(default=ZERO, help_text="Most overage credits allowed per wallet (overdraft only).")
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["code"]
+        constraints = [
+            models.CheckConstraint(condition=Q(base_fee__gte=0), name="plan_fee_not_negative"),
+            models.CheckConstraint(condition=Q(included_credits__gte=0), name="plan_included_not_negative"),
+            models.CheckConstraint(condition=Q(overage_price__gte=0, overage_cap__gte=0),
+                                   name="plan_overage_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.code})"
+
+    @property
+    def months(self) -> int:
+        return 12 if self.period == self.Period.ANNUAL else 1
+
+
+class Subscription(models.Model):
+    class Status(models.TextChoices):
+        TRIALING = "trialing", "Trialing"
+        ACTIVE = "active", "Active"
+        PAST_DUE = "past_due", "Past due"
+        CANCELED = "canceled", "Canceled"
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="subscriptions")
+    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="subscriptions")
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="subscriptions")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACTIVE, db_index=True)
+    # The local date periods are counted from, in the customer's time zone: a
+    # subscription anchored on the 31st runs to the last day of shorter months.
+    anchor_date = models.DateField(editable=False)
+    period_index = models.PositiveIntegerField(default=0, editable=False)
+    current_period_start = models.DateTimeField(editable=False)
+    current_period_end = models.DateTimeField(editable=False, db_index=True)
+    cancel_at_period_end = models.BooleanField(default=False)
+    canceled_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["wallet"], condition=~Q(status="canceled"),
+                                    name="subscription_one_live_per_wallet"),
+            models.CheckConstraint(condition=Q(current_period_end__gt=models.F("current_period_start")),
+                                   name="subscription_period_ordered"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.customer.external_id} on {self.plan.code}"
+
+
+class SubscriptionPeriod(models.Model):
+    """One billing period of a subscription: its included grant when opened,
+    its invoice when closed. Unique per start, so closing is idempotent."""
+
+    subscription = models.ForeignKey(Subscription, on_delete=models.PROTECT, related_name="periods")
+    index = models.PositiveIntegerField()
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    included_grant = models.OneToOneField(
+        CreditGrant, null=True, blank=True, on_delete=models.PROTECT, related_name="subscription_period"
+    )
+    overage_credits = CreditField(default=ZERO)
+    invoice = models.OneToOneField(
+        "Invoice", null=True, blank=True, on_delete=models.PROTECT, related_name="subscription_period"
+    )
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["subscription", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["subscription", "index"], name="subscription_period_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subscription} period {self.index + 1} ({self.starts_at:%Y-%m-%d} – {self.ends_at:%Y-%m-%d})"

@@ -23,9 +23,10 @@ BILLING_MODELS = (
     "idempotencyrecord",
 )
 # Invoices and payments (issue 4): finance writes them through services, auditors read them.
-INVOICING_MODELS = ("billingprofile", "invoice", "invoiceline", "payment", "invoicenumbercounter")
+INVOICING_MODELS = ("billingprofile", "invoice", "invoiceline", "payment", "invoicenumbercounter", "plan",
+                    "subscription", "subscriptionperiod")
 APPEND_ONLY = {"ledgerentry", "usageevent", "auditevent", "outboxevent", "idempotencyrecord", "jobrun",
-               "invoicenumbercounter"}
+               "invoicenumbercounter", "subscriptionperiod"}
 # Extra apps whose models every role may read (e.g. the beat schedule for finance).
 READ_ONLY_APPS = {"django_celery_beat"}
 

@@ -86,3 +86,16 @@ def invoice_email_send(invoice_id: int) -> bool:
     from billing.services.invoices import invoice_email_send as send
 
     return send(invoice_id=invoice_id)
+
+
+@shared_task(name="billing.tasks.subscriptions_close_due", **RETRYING)
+def subscriptions_close_due() -> int:
+    """Close every subscription period that has ended (invoice, next period's credits). Returns how many."""
+    from billing.services.plans import subscriptions_close_due as close_due
+
+    now = timezone.now()
+    with job_run("subscriptions_close_due") as job:
+        closed = close_due(now=now, progress=job.advance)
+        job.set_total(closed)
+        job.note(closed=closed, as_of=now.isoformat())
+    return closed

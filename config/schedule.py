@@ -48,6 +48,14 @@ BILLING_JOBS: tuple[ScheduledJob, ...] = (
         description="Hands undispatched outbox events older than a minute to their subscribers again.",
         expires_after=timedelta(minutes=2),
     ),
+    ScheduledJob(
+        name="Close subscription periods",
+        task="billing.tasks.subscriptions_close_due",
+        every=timedelta(minutes=15),
+        description="Closes every plan period that has ended: expires its included credits, issues the invoice "
+                    "(fee + overage) and grants the next period's credits. Idempotent per period.",
+        expires_after=timedelta(minutes=15),
+    ),
 )
 
 

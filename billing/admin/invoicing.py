@@ -1,7 +1,9 @@
 """Invoices and payments in the back office: draft → add lines → issue (number,
 email with PDF) → record payment or void; the HTML view and the PDF download;
-billing profiles (billing email, net terms, tax rate). Finance works here,
-auditors read. Every change goes through ``billing.services.invoices``.
+billing profiles (billing email, net terms, tax rate); plans and subscriptions
+(start, close a period that has ended, cancel at period end). Finance works
+here, auditors read. Every change goes through ``billing.services.invoices``
+and ``billing.services.plans``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ from billing.admin.base import (
 )
 from billing.forms import ReasonForm, SubmissionTokenMixin
 from billing.invoice_document import render_html, render_pdf
-from billing.models import BillingProfile, Customer, Invoice, InvoiceLine, InvoiceNumberCounter, Payment
+from billing.models import (
+    BillingProfile,
+    Customer,
+    Invoice,
+    InvoiceLine,
+    InvoiceNumberCounter,
+    Payment,
+    Plan,
+    Subscription,
+    SubscriptionPeriod,
+)
 from billing.numbers import MAX_QUANTITY, MAX_RATE
 from billing.services.invoices import (
     invoice_add_line,
@@ -39,6 +51,7 @@ from billing.services.invoices import (
     invoice_void,
     payment_record,
 )
+from billing.services.plans import subscription_cancel, subscription_period_close, subscription_start
 
 MONEY_MAX = Decimal("9999999999999999.99")
 
@@ -272,3 +285,111 @@ class InvoiceLineAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
 class InvoiceNumberCounterAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
     list_display = ("year", "last_number")
     ordering = ("-year",)
+
+
+@admin.register(Plan)
+class PlanAdmin(AuditedAdminMixin, BillingModelAdmin):
+    list_display = ("code", "name", "period", "base_fee", "currency", "included_credits", "overage_policy",
+                    "overage_price", "overage_cap", "active")
+    list_filter = ("active", "period", "overage_policy")
+    search_fields = ("code", "name")
+
+
+class SubscriptionStartForm(forms.Form):
+    customer = forms.ModelChoiceField(queryset=Customer.objects.all())
+    plan = forms.ModelChoiceField(queryset=Plan.objects.filter(active=True))
+    start_at = forms.SplitDateTimeField(widget=AdminSplitDateTime, required=False, help_text="Empty: now.")
+
+    def __init__(self, *args, admin_site=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if admin_site is not None:
+            self.fields["customer"].widget = ForeignKeyRawIdWidget(
+                Subscription._meta.get_field("customer").remote_field, admin_site)
+
+
+class SubscriptionPeriodInline(admin.TabularInline):
+    model = SubscriptionPeriod
+    fields = ("index", "starts_at", "ends_at", "included_grant", "overage_credits", "invoice", "closed_at")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ("-index",)
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+def _close_period(request, subscription, data):
+    if subscription_period_close(subscription_id=subscription.pk, actor=request.user) is None:
+        messages.info(request, f"{subscription}: the current period has not ended; nothing was closed.")
+
+
+@admin.register(Subscription)
+class SubscriptionAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
+    list_display = ("id", "customer_link", "plan", "status", "current_period_start", "current_period_end",
+                    "cancel_at_period_end")
+    list_select_related = ("customer", "plan")
+    list_filter = ("status", "plan", "cancel_at_period_end")
+    search_fields = ("customer__external_id", "customer__name")
+    ordering = ("-created_at", "-id")
+    inlines = (SubscriptionPeriodInline,)
+    readonly_fields = ("customer_link", "plan", "wallet", "status", "anchor_date", "period_index",
+                       "current_period_start", "current_period_end", "cancel_at_period_end", "canceled_at",
+                       "created_by", "created_at")
+    fields = readonly_fields
+    operations = (
+        Operation("close_period", "Close period", "change", _close_period, "Closed {count} period(s).",
+                  available=lambda sub, user: sub.status != Subscription.Status.CANCELED
+                  and sub.current_period_end <= timezone.now(),
+                  help="Expires the period's included credits, issues its invoice and grants the next period's."),
+        Operation("cancel", "Cancel at period end", "change",
+                  lambda request, sub, data: subscription_cancel(subscription_id=sub.pk, actor=request.user),
+                  "{count} subscription(s) will end with their current period.",
+                  available=lambda sub, user: sub.status != Subscription.Status.CANCELED
+                  and not sub.cancel_at_period_end),
+    )
+
+    @admin.display(description="customer", ordering="customer__name")
+    def customer_link(self, obj):
+        return admin_link(obj.customer, obj.customer.name)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = dict(extra_context or {})
+        subscription = self.get_object(request, object_id)
+        if subscription is not None:
+            extra_context["object_buttons"] = self.operation_buttons(request, subscription)
+        extra_context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
+        if request.method == "POST":
+            raise PermissionDenied
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def add_view(self, request, form_url="", extra_context=None):
+        """Put a customer on a plan: ``subscription_start`` grants the first period's credits."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            form = SubscriptionStartForm(request.POST, admin_site=self.admin_site)
+            if form.is_valid():
+                data = form.cleaned_data
+                subscription = run_service(request, lambda: subscription_start(
+                    customer=data["customer"], plan=data["plan"], start_at=data["start_at"], actor=request.user))
+                if subscription is not None:
+                    messages.success(request, f"{subscription} started.")
+                    return HttpResponseRedirect(reverse("admin:billing_subscription_change",
+                                                        args=[subscription.pk]))
+        else:
+            form = SubscriptionStartForm(initial={"customer": request.GET.get("customer")},
+                                         admin_site=self.admin_site)
+        return render_form_page(self, request, form, title="Put a customer on a plan", submit="Start subscription",
+                                intro="The plan's included credits for the first period are granted at once.")
+
+
+@admin.register(SubscriptionPeriod)
+class SubscriptionPeriodAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
+    list_display = ("id", "subscription", "index", "starts_at", "ends_at", "overage_credits", "invoice",
+                    "closed_at")
+    list_select_related = ("subscription__customer", "subscription__plan", "invoice")
+    search_fields = ("subscription__customer__external_id",)

@@ -165,3 +165,31 @@ def test_issued_invoice_email_has_the_pdf_with_the_lines(draft):
     assert invoice_email_send(invoice_id=invoice.pk)
     name, content, _ = mail.outbox[0].attachments[0]
     assert content.startswith(b"%PDF") and b"Onboarding workshop" in _pdf_text(content)
+
+
+def test_finance_puts_a_customer_on_a_plan_and_closes_the_ended_period(staff_client):  # noqa: F811
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from billing.models import Plan, Subscription
+
+    plan = Plan.objects.create(code="team", name="Team", base_fee=Decimal("99"), included_credits=Decimal("500"))
+    customer = make_customer("wayne", email="ap@wayne.test")
+    started = (timezone.now() - timedelta(days=40)).replace(microsecond=0)
+    client = staff_client("finance")
+    client.post(reverse("admin:billing_subscription_add"), {
+        "customer": customer.pk, "plan": plan.pk,
+        "start_at_0": started.strftime("%Y-%m-%d"), "start_at_1": started.strftime("%H:%M:%S")})
+    subscription = Subscription.objects.get(customer=customer)
+    page = client.get(reverse("admin:billing_subscription_change", args=[subscription.pk])).content.decode()
+    assert f"/admin/billing/subscription/{subscription.pk}/close_period/" in page
+
+    auditor = staff_client("auditor", "auditor-2")
+    assert auditor.post(reverse("admin:billing_subscription_close_period", args=[subscription.pk])).status_code == 403
+    client.force_login(subscription.created_by)
+    client.post(reverse("admin:billing_subscription_close_period", args=[subscription.pk]))
+    subscription.refresh_from_db()
+    assert subscription.period_index == 1
+    invoice = subscription.periods.get(index=0).invoice
+    assert invoice.status == Invoice.Status.ISSUED and invoice.total == Decimal("99.00")
