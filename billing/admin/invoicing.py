@@ -30,6 +30,7 @@ from billing.admin.base import (
     render_form_page,
     run_service,
 )
+from billing.admin.ledger import CustomerFilter
 from billing.forms import ReasonForm, SubmissionTokenMixin
 from billing.invoice_document import render_html, render_pdf
 from billing.models import (
@@ -141,7 +142,8 @@ class InvoiceAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
                     "due_at")
     list_display_links = ("display_number",)
     list_select_related = ("customer",)
-    list_filter = ("status", "year", ("customer", admin.RelatedOnlyFieldListFilter), "issued_at")
+    # The customer filter comes from links (?customer__id__exact=…) and never lists every customer.
+    list_filter = ("status", "year", CustomerFilter, "issued_at")
     search_fields = ("=number", "customer__external_id", "customer__name")
     search_help_text = "Invoice number (exact), or customer external id or name."
     ordering = ("-created_at", "-id")

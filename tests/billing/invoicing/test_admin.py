@@ -193,3 +193,21 @@ def test_finance_puts_a_customer_on_a_plan_and_closes_the_ended_period(staff_cli
     assert subscription.period_index == 1
     invoice = subscription.periods.get(index=0).invoice
     assert invoice.status == Invoice.Status.ISSUED and invoice.total == Decimal("99.00")
+
+
+def test_invoice_list_filters_by_status_year_customer_and_finds_a_number(draft, staff_client):  # noqa: F811
+    issued = invoice_issue(invoice_id=draft.pk)
+    other = invoice_create_draft(customer=make_customer("other-co"))
+    client = staff_client("auditor")
+    changelist = reverse("admin:billing_invoice_changelist")
+
+    def listed(**params) -> set[int]:
+        response = client.get(changelist, params)
+        assert response.status_code == 200
+        return {invoice.pk for invoice in response.context["cl"].result_list}
+
+    assert listed() == {issued.pk, other.pk}
+    assert listed(status__exact="draft") == {other.pk}
+    assert listed(year=str(issued.year)) == {issued.pk}
+    assert listed(customer__id__exact=str(other.customer_id)) == {other.pk}
+    assert listed(q=issued.number) == {issued.pk}
