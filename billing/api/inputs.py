@@ -54,6 +54,8 @@ def _refuse_constant(name: str):
 def storable(text: str) -> bool:
     if "\x00" in text:
         return False
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

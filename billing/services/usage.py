@@ -115,8 +115,8 @@ def check_occurred_at(occurred_at: datetime, now: datetime) -> None:
 
 def _rates_for(requests: list[ChargeRequest]) -> dict[tuple[int, int | None], list[FeatureCost]]:
     """Every rate version of the features involved, newest first, keyed by (feature, customer|None)."""
-    feature_ids = {r.feature.pk for r in requests}
-    customer_ids = {r.customer.pk for r in requests}
+    feature_ids = {r.feature.id for r in requests}
+    customer_ids = {r.customer.id for r in requests}
     latest = max(r.occurred_at for r in requests)
     rows = FeatureCost.objects.filter(feature_id__in=feature_ids, effective_from__lte=latest).filter(
         Q(customer__isnull=True) | Q(customer_id__in=customer_ids)
@@ -128,7 +128,7 @@ def _rates_for(requests: list[ChargeRequest]) -> dict[tuple[int, int | None], li
 
 
 def _pick_rate(table, request: ChargeRequest) -> FeatureCost | None:
-    for key in ((request.feature.pk, request.customer.pk), (request.feature.pk, None)):
+    for key in ((request.feature.id, request.customer.id), (request.feature.id, None)):
         for version in table.get(key, ()):
             if version.effective_from <= request.occurred_at:
                 return version
@@ -136,7 +136,7 @@ def _pick_rate(table, request: ChargeRequest) -> FeatureCost | None:
 
 
 def _lock_event_ids(requests: list[ChargeRequest]) -> None:
-    keys = sorted({(r.customer.pk, r.event_id) for r in requests})
+    keys = sorted({(r.customer.id, r.event_id) for r in requests})
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(pg_advisory_xact_lock(k.c, hashtext(k.e))) FROM json_to_recordset(%s::json) AS k(c int, e text)",
@@ -208,7 +208,7 @@ def usage_charge_many(requests: list[ChargeRequest], *, now: datetime | None = N
         seen: dict[tuple[int, str], int] = {}
         todo: list[int] = []
         for i, request in enumerate(requests):
-            key = (request.customer.pk, request.event_id)
+            key = (request.customer.id, request.event_id)
             prior = existing.get(key)
             if prior is None and key in seen:
                 prior_index = seen[key]
@@ -262,7 +262,7 @@ def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT * FROM creditdesk_usage_charge(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
-            [request.customer.pk, request.wallet_id, request.feature.pk, request.event_id, quantity,
+            [request.customer.id, request.wallet_id, request.feature.id, request.event_id, quantity,
              request.occurred_at, json.dumps(request.properties), hash_, now, timezone.now(),
              decimal.getcontext().prec],
         )
@@ -296,7 +296,7 @@ class _PriorEvent:
 
 
 def _existing_events(requests: list[ChargeRequest]) -> dict[tuple[int, str], _PriorEvent]:
-    keys = sorted({(r.customer.pk, r.event_id) for r in requests})
+    keys = sorted({(r.customer.id, r.event_id) for r in requests})
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT u.customer_id, u.event_id, u.status, u.request_hash, u.response::text, u.credits"
@@ -367,10 +367,10 @@ def _charge(requests, hashes, todo, results, now) -> None:
         .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
         .order_by("pk")
     )
-    wallets = {w.pk: w for w in Wallet.objects.select_for_update(of=("self",)).filter(pk__in=wallet_ids).order_by("pk")}
+    wallets = {w.id: w for w in Wallet.objects.select_for_update(of=("self",)).filter(pk__in=wallet_ids).order_by("pk")}
     reservation_ids = sorted({requests[i].reservation_id for i in todo if requests[i].reservation_id})
     reservations = (
-        {r.pk: r for r in Reservation.objects.select_for_update(of=("self",)).filter(pk__in=reservation_ids).order_by("pk")}
+        {r.id: r for r in Reservation.objects.select_for_update(of=("self",)).filter(pk__in=reservation_ids).order_by("pk")}
         if reservation_ids else {}
     )
     held = dict(
@@ -395,23 +395,23 @@ def _charge(requests, hashes, todo, results, now) -> None:
         rate: FeatureCost = request._rate
         wallet = wallets[request.wallet_id]
         credits = round_credits(request.quantity * rate.credits_per_unit)
-        usable = [g for g in grants_by_wallet[wallet.pk] if g.remaining > 0 and g.feature_id in (None, request.feature.pk)]
+        usable = [g for g in grants_by_wallet[wallet.id] if g.remaining > 0 and g.feature_id in (None, request.feature.id)]
         reservation = reservations.get(request.reservation_id) if request.reservation_id else None
         if request.reservation_id and (reservation is None or not reservation.is_open(now)
-                                       or reservation.wallet_id != wallet.pk):
+                                       or reservation.wallet_id != wallet.id):
             body = _rejection("conflict", "The reservation is no longer open (captured, released or expired).",
                               {"reservation": request.reservation_id})
             results[i] = ChargeResult(event_id=request.event_id, status="conflict", http_status=409, body=body,
                                       error=body["error"])
             continue
-        wallet_held = held.get(wallet.pk, ZERO)
+        wallet_held = held.get(wallet.id, ZERO)
         if reservation is not None and reservation.status == Reservation.Status.OPEN:
             wallet_held -= reservation.amount
         usable_total = sum((g.remaining for g in usable), ZERO)
-        borrow = max(wallet.credit_limit - wallet.overage - overage_by_wallet[wallet.pk], ZERO) if (
+        borrow = max(wallet.credit_limit - wallet.overage - overage_by_wallet[wallet.id], ZERO) if (
             wallet.policy == Wallet.Policy.OVERDRAFT) else ZERO
         available = usable_total - wallet_held + borrow
-        first_available.setdefault(wallet.pk, available)
+        first_available.setdefault(wallet.id, available)
         if wallet.status == Wallet.Status.PAUSED:
             results[i] = _paused(request.event_id, credits, wallet.paused_reason)
             continue
@@ -433,33 +433,33 @@ def _charge(requests, hashes, todo, results, now) -> None:
             take = min(grant.remaining, left)
             grant.remaining -= take
             left -= take
-            touched[grant.pk] = grant
+            touched[grant.id] = grant
             allocations.append((grant, take))
         over = credits - sum((take for _, take in allocations), ZERO)
         if over > 0:
-            overage_by_wallet[wallet.pk] += over
+            overage_by_wallet[wallet.id] += over
         if reservation is not None:
             reservation.status = Reservation.Status.CAPTURED
             reservation.closed_at = now
-            held[wallet.pk] = held.get(wallet.pk, ZERO) - reservation.amount
+            held[wallet.id] = held.get(wallet.id, ZERO) - reservation.amount
         for grant, take in allocations:
-            movements_by_wallet[wallet.pk].append(
+            movements_by_wallet[wallet.id].append(
                 (len(new_events), Movement(type=LedgerEntry.Type.USAGE, amount=-take, grant=grant,
                                            reference=f"usage:{request.event_id}"[:255]))
             )
         if over > 0:
-            movements_by_wallet[wallet.pk].append(
+            movements_by_wallet[wallet.id].append(
                 (len(new_events), Movement(type=LedgerEntry.Type.OVERAGE, amount=-over, grant=None,
                                            reference=f"usage:{request.event_id}"[:255]))
             )
         # The running total of the wallet's movements so far (exact: no rounding in these sums).
-        moved_by_wallet[wallet.pk] += sum((-take for _, take in allocations), ZERO) - (over if over > 0 else ZERO)
-        ledger_after = wallet.ledger_balance + moved_by_wallet[wallet.pk]
+        moved_by_wallet[wallet.id] += sum((-take for _, take in allocations), ZERO) - (over if over > 0 else ZERO)
+        ledger_after = wallet.ledger_balance + moved_by_wallet[wallet.id]
         event.status = UsageEvent.Status.CHARGED
-        results[i] = _charged(request.event_id, credits, [(g.pk, take) for g, take in allocations], over,
+        results[i] = _charged(request.event_id, credits, [(g.id, take) for g, take in allocations], over,
                               available - credits, ledger_after)
         event.response = results[i].body
-        last_available[wallet.pk] = available - credits
+        last_available[wallet.id] = available - credits
         new_events.append(event)
 
     _insert_events(new_events, now)
@@ -471,7 +471,7 @@ def _charge(requests, hashes, todo, results, now) -> None:
             cursor.execute(
                 f"UPDATE {CreditGrant._meta.db_table} g SET remaining = v.remaining, status = v.status"
                 f" FROM json_to_recordset(%s::json) AS v(id bigint, remaining numeric, status text) WHERE g.id = v.id",
-                [json.dumps([{"id": g.pk, "remaining": str(g.remaining), "status": g.status}
+                [json.dumps([{"id": g.id, "remaining": str(g.remaining), "status": g.status}
                              for g in touched.values()])],
             )
     appends = []
@@ -484,7 +484,7 @@ def _charge(requests, hashes, todo, results, now) -> None:
     append_entries_many(appends)
     # Only holds captured by this call: one captured earlier was answered 409 above.
     capturing = {e.reservation_id: e for e in new_events if e.reservation_id and e.status == UsageEvent.Status.CHARGED}
-    captured = [r for r in reservations.values() if r.pk in capturing]
+    captured = [r for r in reservations.values() if r.id in capturing]
     for reservation in captured:
         reservation.usage_event_id = capturing[reservation.pk].pk
     if captured:
@@ -518,9 +518,9 @@ def _insert_events(new_events: list[_NewEvent], now: datetime) -> None:
     if not new_events:
         return
     rows = [
-        {"n": n, "customer_id": e.request.customer.pk, "wallet_id": e.request.wallet_id,
-         "feature_id": e.request.feature.pk, "event_id": e.request.event_id, "quantity": str(e.request.quantity),
-         "occurred_at": e.request.occurred_at.isoformat(), "properties": e.request.properties, "rate_id": e.rate.pk,
+        {"n": n, "customer_id": e.request.customer.id, "wallet_id": e.request.wallet_id,
+         "feature_id": e.request.feature.id, "event_id": e.request.event_id, "quantity": str(e.request.quantity),
+         "occurred_at": e.request.occurred_at.isoformat(), "properties": e.request.properties, "rate_id": e.rate.id,
          "credits_per_unit": str(e.rate.credits_per_unit), "credits": str(e.credits), "status": e.status,
          "request_hash": e.request_hash, "response": e.response, "reservation_id": e.reservation_id}
         for n, e in enumerate(new_events)
@@ -544,7 +544,7 @@ def _insert_events(new_events: list[_NewEvent], now: datetime) -> None:
         )
         ids = {(customer_id, event_id): pk for pk, customer_id, event_id in cursor.fetchall()}
     for event in new_events:
-        event.pk = ids[(event.request.customer.pk, event.request.event_id)]
+        event.pk = ids[(event.request.customer.id, event.request.event_id)]
 
 
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
@@ -558,5 +558,5 @@ def _consumption_key(grant: CreditGrant):
         grant.per_unit_cost_basis,
         grant.effective_at,
         grant.created_at,
-        grant.pk,
+        grant.id,
     )
