@@ -793,6 +793,14 @@ class Plan(models.Model):
     overage_policy = models.CharField(max_length=10, choices=OveragePolicy.choices, default=OveragePolicy.BLOCK)
     overage_price = RateField(default=ZERO, help_text="Money per credit used beyond the included credits.")
     overage_cap = CreditField(default=ZERO, help_text="Most overage credits allowed per wallet (overdraft only).")
+    rollover_percent = models.DecimalField(
+        max_digits=5, decimal_places=2, default=ZERO, validators=[MinValueValidator(0), MaxValueValidator(100)],
+        help_text="Unused included credits carried into later periods, capped at this percent of the included amount.",
+    )
+    rollover_periods = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1)], help_text="How many periods carried-over credits stay usable.",
+    )
+    trial_credits = CreditField(default=ZERO, help_text="Promotional credits at sign-up, usable in the first period.")
     active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=now)
 
@@ -803,6 +811,10 @@ class Plan(models.Model):
             models.CheckConstraint(condition=Q(included_credits__gte=0), name="plan_included_not_negative"),
             models.CheckConstraint(condition=Q(overage_price__gte=0, overage_cap__gte=0),
                                    name="plan_overage_not_negative"),
+            models.CheckConstraint(condition=Q(rollover_percent__gte=0, rollover_percent__lte=100),
+                                   name="plan_rollover_percent_range"),
+            models.CheckConstraint(condition=Q(rollover_periods__gte=1, trial_credits__gte=0),
+                                   name="plan_rollover_trial_valid"),
         ]
 
     def __str__(self) -> str:

@@ -3,6 +3,11 @@ credits each period, expiring at the period's end; closing a period expires
 what is left, bills the period's fee and its overage on one invoice, and opens
 the next period's grant.
 
+Unused included credits may roll over (``rollover`` entries out of the period's
+grant and into a ``rollover`` grant), capped at the plan's percentage of the
+included amount and usable for the plan's number of rollover periods; a plan's
+trial credits are a promotional grant at sign-up, usable in the first period.
+
 Periods are counted in the customer's time zone from the subscription's anchor
 date: local midnight to local midnight, a month (or a year) apart, and a
 subscription anchored on the 31st ends its February period on the 28th or 29th
@@ -27,16 +32,18 @@ from billing.models import (
     CreditGrant,
     Customer,
     InvoiceLine,
+    LedgerEntry,
     Plan,
     Subscription,
     SubscriptionPeriod,
     Wallet,
 )
-from billing.numbers import ZERO, round_money
+from billing.numbers import ZERO, round_credits, round_money
 from billing.services.audit import audit_record
 from billing.services.grants import default_wallet, grant_create, grant_expire
 from billing.services.invoices import invoice_add_line, invoice_create_draft, invoice_issue
-from billing.services.locks import lock_wallet
+from billing.services.ledger import Movement, append_entries
+from billing.services.locks import lock_grants, lock_wallet
 
 LIVE_STATUSES = (Subscription.Status.TRIALING, Subscription.Status.ACTIVE, Subscription.Status.PAST_DUE)
 
@@ -113,6 +120,14 @@ def subscription_start(
                 anchor=anchor, index=0, months=plan.months, tz_name=customer.timezone)
             subscription.save()
             _open_period(subscription, index=0, effective_at=start_at, actor=actor, actor_label=actor_label)
+            if plan.trial_credits > 0:
+                grant_create(
+                    wallet=locked, kind=CreditGrant.Kind.PROMOTIONAL, amount=plan.trial_credits,
+                    source=CreditGrant.Source.PROMOTION, effective_at=start_at,
+                    expires_at=subscription.current_period_end, reason=f"{plan.name}: trial credits",
+                    requested_by=actor, actor_label=actor_label, require_approval=False,
+                    idempotency_key=f"subscription:{subscription.pk}:trial",
+                )
             audit_record(actor=actor, actor_label=actor_label, action="subscription.start", obj=subscription,
                          changes={"plan": plan.code, "start_at": start_at.isoformat(),
                                   "policy": locked.policy, "credit_limit": locked.credit_limit})
@@ -127,7 +142,8 @@ def subscription_period_close(
     *, subscription_id: int, now: datetime | None = None, actor=None, actor_label: str = "",
 ) -> SubscriptionPeriod | None:
     """Close the subscription's current period once its end has passed, in one
-    transaction: expire what is left of its included credits, bill the period's
+    transaction: roll over the plan's share of its unused included credits and
+    expire the rest, bill the period's
     fee and the wallet's outstanding overage (× the plan's overage price) on one
     issued invoice — the overage is settled by a paid-for grant that repays it —
     and open the next period's grant (or end a subscription set to cancel).
@@ -144,6 +160,7 @@ def subscription_period_close(
         plan = subscription.plan
         period = subscription.periods.get(index=subscription.period_index)
         if period.included_grant_id:
+            _roll_over(subscription, period)
             grant_expire(grant_id=period.included_grant_id, now=max(now, period.ends_at))
         overage = lock_wallet(subscription.wallet_id).overage
         lines = []
@@ -187,6 +204,40 @@ def subscription_period_close(
             "subscription": subscription.pk, "period": period.index,
             "invoice": invoice.pk if invoice else None, "overage_credits": str(billed_overage)})
     return period
+
+
+def _roll_over(subscription: Subscription, period: SubscriptionPeriod) -> CreditGrant | None:
+    """Carry the period's unused included credits (up to the plan's cap) into a
+    ``rollover`` grant usable from the next period for ``rollover_periods``
+    periods: a ``rollover_out`` entry on the included grant and a
+    ``rollover_in`` entry on the new grant, so the balance does not move."""
+    plan = subscription.plan
+    if plan.rollover_percent <= 0:
+        return None
+    grant = lock_grants([period.included_grant_id])[period.included_grant_id]
+    if grant.status != CreditGrant.Status.ACTIVE or grant.remaining <= 0:
+        return None
+    amount = min(grant.remaining, round_credits(plan.included_credits * plan.rollover_percent / 100))
+    if amount <= 0:
+        return None
+    wallet = lock_wallet(grant.wallet_id)
+    _, expires_at = period_bounds(anchor=subscription.anchor_date, index=period.index + plan.rollover_periods,
+                                  months=plan.months, tz_name=subscription.customer.timezone)
+    reference = f"subscription:{subscription.pk}:period:{period.index}"
+    rolled = CreditGrant.objects.create(
+        wallet=wallet, kind=CreditGrant.Kind.ROLLOVER, source=CreditGrant.Source.PLAN_PERIOD,
+        original_amount=amount, remaining=amount, per_unit_cost_basis=grant.per_unit_cost_basis,
+        currency=grant.currency, effective_at=period.ends_at, expires_at=expires_at, priority=grant.priority,
+        reason=f"{plan.name}: unused credits of {_local_span(period)}", idempotency_key=f"{reference}:rollover",
+    )
+    grant.remaining -= amount
+    CreditGrant.objects.filter(pk=grant.pk).update(remaining=grant.remaining)
+    memo = f"Rollover of unused included credits, {_local_span(period)}"
+    append_entries(wallet=wallet, movements=[
+        Movement(type=LedgerEntry.Type.ROLLOVER_OUT, amount=-amount, grant=grant, reference=reference, memo=memo),
+        Movement(type=LedgerEntry.Type.ROLLOVER_IN, amount=amount, grant=rolled, reference=reference, memo=memo),
+    ])
+    return rolled
 
 
 def subscriptions_close_due(*, now: datetime | None = None, progress=None) -> int:

@@ -158,3 +158,46 @@ def test_a_close_killed_midway_leaves_nothing_and_the_rerun_bills_once(plan):
     assert subscription.current_period_start == datetime(2026, 4, 1, 4, tzinfo=UTC)
     assert Invoice.objects.filter(customer=customer).count() == 1
     assert_ledger_consistent(default_wallet(customer))
+
+
+def test_trial_credits_and_capped_rollover_that_lives_for_its_periods():
+    from billing.services.grants import grants_expire_due
+
+    plan = Plan.objects.create(code="roll", name="Roll", included_credits=Decimal("1000"),
+                               rollover_percent=Decimal("25"), rollover_periods=2, trial_credits=Decimal("300"))
+    feature = make_feature("api-call", "1", effective_from=datetime(2025, 1, 1, tzinfo=UTC))
+    customer = make_customer("roller")
+    wallet = default_wallet(customer)
+
+    def at(*args):
+        return time_machine.travel(datetime(*args, tzinfo=UTC), tick=False)
+
+    with at(2026, 1, 1, 9):
+        subscription_start(customer=customer, plan=plan)
+        trial = CreditGrant.objects.get(wallet=wallet, kind="promotional")
+        assert (trial.original_amount, trial.expires_at) == (Decimal("300"), datetime(2026, 2, 1, tzinfo=UTC))
+        assert wallet_balance(wallet).available == Decimal("1300")
+    with at(2026, 2, 1, 0, 5):
+        subscriptions_close_due()
+        grants_expire_due()
+        rolled = CreditGrant.objects.get(wallet=wallet, kind="rollover")
+        # 1000 unused, capped at 25 % of 1000; usable through the second period after.
+        assert (rolled.original_amount, rolled.expires_at) == (Decimal("250"), datetime(2026, 4, 1, tzinfo=UTC))
+        assert wallet_balance(wallet).available == Decimal("1250")
+    with at(2026, 2, 20):
+        assert _charge(wallet, feature, "1100", "evt-feb").status == "charged"  # included first: it expires first
+    with at(2026, 3, 1, 0, 5):
+        subscriptions_close_due()
+        assert CreditGrant.objects.filter(wallet=wallet, kind="rollover").count() == 1  # nothing left to roll
+        rolled.refresh_from_db()
+        assert rolled.remaining == Decimal("150")
+    with at(2026, 4, 1, 0, 5):
+        subscriptions_close_due()
+        grants_expire_due()
+        rolled.refresh_from_db()
+        assert rolled.status == CreditGrant.Status.EXPIRED
+        wallet.refresh_from_db()
+        assert wallet_balance(wallet).available == Decimal("1000") + Decimal("250")
+    movements = list(wallet.entries.filter(type__in=["rollover_out", "rollover_in"]).values_list("type", "amount"))
+    assert sorted(movements) == [("rollover_in", Decimal("250"))] * 2 + [("rollover_out", Decimal("-250"))] * 2
+    assert_ledger_consistent(wallet)
