@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--only", nargs="*", default=["usage", "balance", "batch"])
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative)")
     args = parser.parse_args()
 
     from bench.run import BENCH_DB, FEATURE_KEY, HOT_CUSTOMER, SPREAD_WALLETS, server_url, with_database
@@ -102,7 +103,7 @@ def main() -> None:
         print(f"{name}: {count} requests, {wall / count * 1000:.3f} ms wall, {cpu / count * 1000:.3f} ms CPU "
               f"each; statuses {statuses}", flush=True)
         if profiler:
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+            pstats.Stats(profiler).sort_stats(args.sort).print_stats(30)
 
 
 if __name__ == "__main__":
