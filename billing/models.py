@@ -327,6 +327,7 @@ class FeatureCost(models.Model):
     class Meta:
         ordering = ["feature__key", "-effective_from"]
         verbose_name = "credit cost (rate version)"
+        verbose_name_plural = "credit costs (rate versions)"
         constraints = [
             models.CheckConstraint(condition=Q(credits_per_unit__gte=0), name="feature_cost_not_negative"),
             models.UniqueConstraint(
