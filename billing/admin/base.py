@@ -329,3 +329,19 @@ def render_form_page(model_admin, request, form, *, title: str, submit: str, int
         **(extra or {}),
     }
     return TemplateResponse(request, "admin/billing/form_page.html", context)
+
+
+class ServiceOnlyChangeMixin:
+    """A change page that shows the object's operation buttons and never saves
+    the form: rows like grants and invoices change only through services, and a
+    plain save would write stale balances or statuses over their work."""
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = dict(extra_context or {})
+        obj = self.get_object(request, object_id)
+        if obj is not None:
+            extra_context["object_buttons"] = self.operation_buttons(request, obj)
+        extra_context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
+        if request.method == "POST":
+            raise PermissionDenied
+        return super().change_view(request, object_id, form_url, extra_context)

@@ -17,6 +17,7 @@ from billing.admin.base import (
     BillingModelAdmin,
     Operation,
     OperationsMixin,
+    ServiceOnlyChangeMixin,
     admin_link,
     pk_link,
     render_form_page,
@@ -115,7 +116,7 @@ def _pending_for_someone_else(obj, user) -> bool:
 
 
 @admin.register(CreditGrant)
-class CreditGrantAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
+class CreditGrantAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
     list_display = ("id", "customer", "wallet_name", "kind", "source", "status", "original_amount", "remaining",
                     "priority", "effective_at", "expires_at", "requested_by", "approved_by")
     list_display_links = ("id",)
@@ -170,17 +171,6 @@ class CreditGrantAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
         url = reverse("admin:billing_ledgerentry_changelist") + f"?grant__id__exact={obj.pk}"
         return format_html('<a href="{}">Entries of this grant</a>', url)
 
-    def change_view(self, request, object_id, form_url="", extra_context=None):
-        extra_context = dict(extra_context or {})
-        grant = self.get_object(request, object_id)
-        if grant is not None:
-            extra_context["object_buttons"] = self.operation_buttons(request, grant)
-        extra_context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
-        if request.method == "POST":
-            # Saving the row would write stale remaining/status over the services' work.
-            raise PermissionDenied
-        return super().change_view(request, object_id, form_url, extra_context)
-
     def add_view(self, request, form_url="", extra_context=None):
         """Grant credits: the form calls ``grant_create`` (big unpaid grants wait for approval)."""
         if not self.has_add_permission(request):
@@ -212,7 +202,7 @@ class CreditGrantAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
 
 
 @admin.register(Adjustment)
-class AdjustmentAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
+class AdjustmentAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
     list_display = ("id", "customer", "wallet_name", "amount", "status", "reason", "requested_by", "approved_by",
                     "created_at", "grant_link")
     list_select_related = ("wallet__customer", "requested_by", "approved_by")
@@ -247,17 +237,6 @@ class AdjustmentAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
     @admin.display(description="grant")
     def grant_link(self, obj):
         return pk_link(CreditGrant, obj.grant_id, f"#{obj.grant_id}") if obj.grant_id else "-"
-
-    def change_view(self, request, object_id, form_url="", extra_context=None):
-        extra_context = dict(extra_context or {})
-        adjustment = self.get_object(request, object_id)
-        if adjustment is not None:
-            extra_context["object_buttons"] = self.operation_buttons(request, adjustment)
-        extra_context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
-        if request.method == "POST":
-            # Saving the row would write stale remaining/status over the services' work.
-            raise PermissionDenied
-        return super().change_view(request, object_id, form_url, extra_context)
 
     def add_view(self, request, form_url="", extra_context=None):
         """Request an adjustment: ``adjustment_request``; another approver applies it."""

@@ -26,6 +26,7 @@ from billing.admin.base import (
     Operation,
     OperationsMixin,
     ReadOnlyAdminMixin,
+    ServiceOnlyChangeMixin,
     admin_link,
     render_form_page,
     run_service,
@@ -137,7 +138,7 @@ class PaymentInline(admin.TabularInline):
 
 
 @admin.register(Invoice)
-class InvoiceAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
+class InvoiceAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
     list_display = ("display_number", "customer_link", "status", "total", "amount_paid", "currency", "issued_at",
                     "due_at")
     list_display_links = ("display_number",)
@@ -217,17 +218,6 @@ class InvoiceAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
         response = HttpResponse(render_pdf(invoice), content_type="application/pdf")
         response["Content-Disposition"] = f'attachment; filename="{invoice.number or f"draft-{invoice.pk}"}.pdf"'
         return response
-
-    def change_view(self, request, object_id, form_url="", extra_context=None):
-        extra_context = dict(extra_context or {})
-        invoice = self.get_object(request, object_id)
-        if invoice is not None:
-            extra_context["object_buttons"] = self.operation_buttons(request, invoice)
-        extra_context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
-        if request.method == "POST":
-            # Invoices change only through the operations above.
-            raise PermissionDenied
-        return super().change_view(request, object_id, form_url, extra_context)
 
     def add_view(self, request, form_url="", extra_context=None):
         """New draft invoice: ``invoice_create_draft``; lines are added on its page."""
@@ -330,7 +320,7 @@ def _close_period(request, subscription, data):
 
 
 @admin.register(Subscription)
-class SubscriptionAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
+class SubscriptionAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
     list_display = ("id", "customer_link", "plan", "status", "current_period_start", "current_period_end",
                     "cancel_at_period_end")
     list_select_related = ("customer", "plan")
@@ -357,16 +347,6 @@ class SubscriptionAdmin(OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
     @admin.display(description="customer", ordering="customer__name")
     def customer_link(self, obj):
         return admin_link(obj.customer, obj.customer.name)
-
-    def change_view(self, request, object_id, form_url="", extra_context=None):
-        extra_context = dict(extra_context or {})
-        subscription = self.get_object(request, object_id)
-        if subscription is not None:
-            extra_context["object_buttons"] = self.operation_buttons(request, subscription)
-        extra_context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
-        if request.method == "POST":
-            raise PermissionDenied
-        return super().change_view(request, object_id, form_url, extra_context)
 
     def add_view(self, request, form_url="", extra_context=None):
         """Put a customer on a plan: ``subscription_start`` grants the first period's credits."""
