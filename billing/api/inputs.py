@@ -157,6 +157,8 @@ def _plain_json(value):
     if isinstance(value, list):
         return [_plain_json(item) for item in value]
     if isinstance(value, Decimal):
+        # Usage ``properties`` are the client's free-form labels (team, model …),
+        # never credits or money: plain JSON numbers are what they get back.
         number = float(value)
         if not math.isfinite(number):
             raise ValueError("number")
