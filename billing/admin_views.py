@@ -28,6 +28,7 @@ from billing.errors import BillingError
 from billing.forms import BulkPromoForm
 from billing.models import CreditGrant, Customer, JobRun, Wallet
 from billing.services.grants import grant_create
+from billing.services.jobs import run_alive
 
 JOB_NAME = "bulk_promo"
 BULK_JOB_THRESHOLD = 200
@@ -113,19 +114,20 @@ def bulk_promo_job(job_id: int) -> None:
     """Run a queued bulk promotional grant recorded as JobRun ``job_id``. Idempotent."""
     job = JobRun.objects.get(pk=job_id)
     params = job.detail
-    JobRun.objects.filter(pk=job.pk).update(status="running")
-    user = get_user_model().objects.filter(pk=params.get("user_id")).first()
-    try:
-        result = bulk_promo_grant(customer_ids=params["customer_ids"], amount=Decimal(params["amount"]),
-                                  days=int(params["days"]), reason=params["reason"], token=params["token"],
-                                  user=user, job=job)
-    except Exception as exc:
-        JobRun.objects.filter(pk=job.pk).update(status="failed", finished_at=timezone.now(),
-                                                detail={**params, "error": f"{type(exc).__name__}: {exc}"[:1000]})
-        raise
-    JobRun.objects.filter(pk=job.pk).update(
-        status="failed" if result.failed else "succeeded", finished_at=timezone.now(), done=job.total,
-        detail={**params, "result": result.summary()})
+    with run_alive(job.pk):
+        JobRun.objects.filter(pk=job.pk).update(status="running")
+        user = get_user_model().objects.filter(pk=params.get("user_id")).first()
+        try:
+            result = bulk_promo_grant(customer_ids=params["customer_ids"], amount=Decimal(params["amount"]),
+                                      days=int(params["days"]), reason=params["reason"], token=params["token"],
+                                      user=user, job=job)
+        except Exception as exc:
+            JobRun.objects.filter(pk=job.pk).update(status="failed", finished_at=timezone.now(),
+                                                    detail={**params, "error": f"{type(exc).__name__}: {exc}"[:1000]})
+            raise
+        JobRun.objects.filter(pk=job.pk).update(
+            status="failed" if result.failed else "succeeded", finished_at=timezone.now(), done=job.total,
+            detail={**params, "result": result.summary()})
 
 
 def _form_page(model_admin, request, form, selected_ids: list[int]):

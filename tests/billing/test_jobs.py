@@ -233,3 +233,50 @@ def test_expiry_of_a_partly_used_grant_removes_only_what_is_left(feature):
     assert _expiry_entries([wallet]) == [(wallet.pk, Decimal("-65"))]
     assert_ledger_consistent(wallet)
     assert wallet.ledger_balance == 0
+
+
+def test_a_killed_runs_row_is_marked_interrupted_by_the_next_run():
+    # A process killed mid-job leaves its row "running" and, with its connection gone, no lock.
+    orphan = JobRun.objects.create(name="grants_expire_due", status="running", done=3, total=10)
+
+    tasks.grants_expire_due()
+
+    orphan.refresh_from_db()
+    assert orphan.status == "interrupted" and orphan.finished_at is not None
+    assert orphan.done == 3, "the progress it reached stays visible"
+    assert JobRun.objects.filter(name="grants_expire_due", status="succeeded").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_alive_in_another_connection_is_not_marked_interrupted():
+    import threading
+
+    from django.db import connection
+
+    from billing.services.jobs import job_run, runs_mark_interrupted
+
+    started, release = threading.Event(), threading.Event()
+    seen: dict[str, int] = {}
+
+    def long_job() -> None:
+        try:
+            with job_run("long_job") as progress:
+                seen["run"] = progress.run.pk
+                started.set()
+                release.wait(timeout=30)
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=long_job)
+    worker.start()
+    try:
+        assert started.wait(timeout=30)
+        assert runs_mark_interrupted() == 0
+        assert JobRun.objects.get(pk=seen["run"]).status == "running"
+    finally:
+        release.set()
+        worker.join(timeout=30)
+    assert JobRun.objects.get(pk=seen["run"]).status == "succeeded"
+    with job_run("next_job"):
+        pass
+    assert JobRun.objects.get(pk=seen["run"]).status == "succeeded"
