@@ -85,6 +85,9 @@ class Wallet(models.Model):
     alert_below = CreditField(null=True, blank=True, editable=False)
     alert_at_or_above = CreditField(null=True, blank=True, editable=False)
     paused_reason = models.CharField(max_length=200, blank=True)
+    # Maintained by billing.services.team_limits under the wallet lock: charges of
+    # wallets without team spending limits never look for them (the hot path).
+    has_team_limits = models.BooleanField(default=False, editable=False)
     created_at = models.DateTimeField(default=now)
 
     class Meta:
@@ -103,6 +106,45 @@ class Wallet(models.Model):
     def crosses_alert_mark(self, before: Decimal, after: Decimal) -> bool:
         low, high = self.alert_below, self.alert_at_or_above
         return (low is not None and before >= low > after) or (high is not None and before < high <= after)
+
+
+class TeamSpendingLimit(models.Model):
+    """At most ``monthly_limit`` credits per calendar month (the customer's time zone)
+    for usage of this wallet whose ``properties.team`` is ``team``."""
+
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="team_limits")
+    team = models.CharField(max_length=100, help_text="Matched exactly against usage properties.team.")
+    monthly_limit = CreditField(help_text="Credits the team may spend per calendar month.")
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["wallet", "team"]
+        constraints = [
+            models.UniqueConstraint(fields=["wallet", "team"], name="team_limit_unique_per_wallet"),
+            models.CheckConstraint(condition=Q(monthly_limit__gte=0), name="team_limit_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team}: {self.monthly_limit} credits/month"
+
+
+class TeamSpend(models.Model):
+    """What a team spent in one month: the counter row charges lock (after the
+    wallet) and add to, so concurrent charges of one team cannot exceed its limit."""
+
+    team_limit = models.ForeignKey(TeamSpendingLimit, on_delete=models.CASCADE, related_name="spends")
+    period_start = models.DateField(help_text="First day of the month, in the customer's time zone.")
+    spent = CreditField(default=ZERO)
+
+    class Meta:
+        ordering = ["team_limit", "-period_start"]
+        constraints = [
+            models.UniqueConstraint(fields=["team_limit", "period_start"], name="team_spend_unique_per_period"),
+            models.CheckConstraint(condition=Q(spent__gte=0), name="team_spend_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team_limit.team} {self.period_start:%Y-%m}: {self.spent}"
 
 
 class GrantQuerySet(models.QuerySet):
