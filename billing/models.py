@@ -844,6 +844,9 @@ class Plan(models.Model):
         default=1, validators=[MinValueValidator(1)], help_text="How many periods carried-over credits stay usable.",
     )
     trial_credits = CreditField(default=ZERO, help_text="Promotional credits at sign-up, usable in the first period.")
+    trial_days = models.PositiveSmallIntegerField(
+        default=0, help_text="Days a new subscription is trialing: no fee is billed for that time. 0: no trial.",
+    )
     active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=now)
 
@@ -887,6 +890,8 @@ class Subscription(models.Model):
     current_period_end = models.DateTimeField(editable=False, db_index=True)
     cancel_at_period_end = models.BooleanField(default=False)
     canceled_at = models.DateTimeField(null=True, blank=True, editable=False)
+    trial_ends_at = models.DateTimeField(null=True, blank=True, editable=False,
+                                         help_text="No fee is billed before it; trialing until then.")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
@@ -930,3 +935,43 @@ class SubscriptionPeriod(models.Model):
 
     def __str__(self) -> str:
         return f"{self.subscription} period {self.index + 1} ({self.starts_at:%Y-%m-%d} – {self.ends_at:%Y-%m-%d})"
+
+
+class SubscriptionChange(models.Model):
+    """A mid-period plan change: the proration billed on the period's closing
+    invoice (a credit for the old plan's unused fee, a charge for the new plan's
+    remaining fee) and the included credits added or taken back."""
+
+    subscription = models.ForeignKey(Subscription, on_delete=models.PROTECT, related_name="changes")
+    period = models.ForeignKey(SubscriptionPeriod, on_delete=models.PROTECT, related_name="changes")
+    from_plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="+")
+    to_plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="+")
+    effective_at = models.DateTimeField()
+    remaining_fraction = models.DecimalField(
+        max_digits=11, decimal_places=10, help_text="Billable share of the period left at the change (0..1).",
+    )
+    unused_credit = MoneyField(help_text="The old plan's fee for the rest of the period, credited (>= 0).")
+    remaining_charge = MoneyField(help_text="The new plan's fee for the rest of the period (>= 0).")
+    credits_delta = CreditField(help_text="Included credits added (+) or taken back (-) for the rest of the period.")
+    included_grant = models.OneToOneField(
+        CreditGrant, null=True, blank=True, on_delete=models.PROTECT, related_name="subscription_change",
+        help_text="The included grant that adds credits when the new plan includes more.",
+    )
+    overage_credits = CreditField(default=ZERO, help_text="Overage used under the old plan, billed at its price.")
+    overage_price = RateField(default=ZERO)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["subscription", "effective_at", "pk"]
+        constraints = [
+            models.CheckConstraint(condition=Q(remaining_fraction__gte=0, remaining_fraction__lte=1),
+                                   name="subscription_change_fraction_range"),
+            models.CheckConstraint(condition=Q(unused_credit__gte=0, remaining_charge__gte=0, overage_credits__gte=0),
+                                   name="subscription_change_amounts_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subscription}: {self.from_plan.code} → {self.to_plan.code} at {self.effective_at:%Y-%m-%d %H:%M}"
