@@ -760,6 +760,7 @@ class InvoiceLine(models.Model):
         PLAN_FEE = "plan_fee", "Plan fee"
         OVERAGE = "overage", "Overage"
         TRUE_UP = "true_up", "True-up"
+        CONTRACT = "contract", "Contract commitment"
         MANUAL = "manual", "Manual"
         CREDIT_NOTE = "credit_note", "Credit note"
 
@@ -975,3 +976,208 @@ class SubscriptionChange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.subscription}: {self.from_plan.code} → {self.to_plan.code} at {self.effective_at:%Y-%m-%d %H:%M}"
+
+
+# --- Enterprise contracts --------------------------------------------------------
+# Written only by billing.services.contracts (DESIGN.md §6).
+
+
+class Contract(models.Model):
+    """An enterprise commitment on one pooled wallet: credits per year (or spend
+    per year) at a negotiated price, paid upfront or in quarterly instalments
+    that each release their credits; consumption above what was released runs
+    as overdraft and is billed at each true-up date. Terms are editable while
+    the contract is a draft; activation fixes its instalments and true-ups."""
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        ACTIVE = "active", "Active"
+        ENDED = "ended", "Ended"
+        CANCELED = "canceled", "Canceled"
+
+    class Commitment(models.TextChoices):
+        CREDITS = "credits", "Committed credits per year"
+        SPEND = "spend", "Committed spend per year"
+
+    class PaymentSchedule(models.TextChoices):
+        UPFRONT = "upfront", "Upfront, each contract year"
+        QUARTERLY = "quarterly", "Quarterly instalments"
+
+    class Cadence(models.TextChoices):
+        ANNUAL = "annual", "Annual"
+        QUARTERLY = "quarterly", "Quarterly"
+
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="contracts")
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="contracts",
+                               help_text="The organisation's pooled wallet; all teams consume from it.")
+    reference = models.CharField(max_length=64, blank=True, help_text="The signed contract's number.")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.DRAFT, db_index=True)
+    starts_at = models.DateTimeField()
+    term_months = models.PositiveSmallIntegerField(default=12, validators=[MinValueValidator(1)])
+    ends_at = models.DateTimeField(editable=False, help_text="Start + term; a renewal moves it on.")
+    commitment = models.CharField(max_length=8, choices=Commitment.choices, default=Commitment.CREDITS)
+    committed_credits = CreditField(default=ZERO, help_text="Per contract year (derived for spend commitments).")
+    committed_spend = MoneyField(default=ZERO, help_text="Per contract year, for spend commitments.")
+    currency = models.CharField(max_length=3, default="USD", validators=[validate_currency])
+    list_price = RateField(help_text="Negotiated price per credit before volume tiers and discount.")
+    discount_percent = models.DecimalField(
+        max_digits=5, decimal_places=2, default=ZERO, validators=[MinValueValidator(0), MaxValueValidator(100)])
+    payment_schedule = models.CharField(max_length=10, choices=PaymentSchedule.choices,
+                                        default=PaymentSchedule.QUARTERLY)
+    true_up_cadence = models.CharField(max_length=10, choices=Cadence.choices, default=Cadence.ANNUAL)
+    true_up_price = RateField(null=True, blank=True,
+                              help_text="Money per overage credit at true-up; empty: the effective contract price.")
+    rollover_percent = models.DecimalField(
+        max_digits=5, decimal_places=2, default=ZERO, validators=[MinValueValidator(0), MaxValueValidator(100)],
+        help_text="Share of the unused credits carried into the renewed term.")
+    credit_limit = CreditField(null=True, blank=True,
+                               help_text="Overdraft allowed above the commitment; empty: the committed credits per "
+                                         "year × CREDITDESK_CONTRACT_OVERDRAFT_FACTOR.")
+    activated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    ended_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-starts_at", "-pk"]
+        constraints = [
+            models.CheckConstraint(condition=Q(ends_at__gt=models.F("starts_at")), name="contract_term_ordered"),
+            models.CheckConstraint(condition=Q(committed_credits__gte=0, committed_spend__gte=0, list_price__gte=0),
+                                   name="contract_amounts_not_negative"),
+            models.CheckConstraint(condition=Q(discount_percent__gte=0, discount_percent__lte=100,
+                                               rollover_percent__gte=0, rollover_percent__lte=100),
+                                   name="contract_percents_range"),
+            models.UniqueConstraint(fields=["wallet"], condition=Q(status__in=["draft", "active"]),
+                                    name="contract_one_live_per_wallet"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Contract {self.reference or f'#{self.pk}'} ({self.customer.external_id})"
+
+    def clean(self) -> None:
+        if self.wallet_id and self.customer_id and self.wallet.customer_id != self.customer_id:
+            raise ValidationError({"wallet": "The pooled wallet must belong to the contract's customer."})
+        if self.commitment == self.Commitment.CREDITS and self.committed_credits <= 0:
+            raise ValidationError({"committed_credits": "Commit to more than zero credits per year."})
+        if self.commitment == self.Commitment.SPEND and self.committed_spend <= 0:
+            raise ValidationError({"committed_spend": "Commit to more than zero spend per year."})
+        if self.payment_schedule == self.PaymentSchedule.QUARTERLY or self.true_up_cadence == self.Cadence.QUARTERLY:
+            if self.term_months and self.term_months % 3:
+                raise ValidationError({"term_months": "Quarterly schedules need a term in whole quarters."})
+
+
+class ContractPriceTier(models.Model):
+    """Volume tier: a commitment of at least ``min_credits`` a year pays this list price per credit."""
+
+    contract = models.ForeignKey(Contract, on_delete=models.CASCADE, related_name="tiers")
+    min_credits = CreditField()
+    price_per_credit = RateField()
+
+    class Meta:
+        ordering = ["contract", "min_credits"]
+        constraints = [
+            models.UniqueConstraint(fields=["contract", "min_credits"], name="contract_tier_unique"),
+            models.CheckConstraint(condition=Q(min_credits__gte=0, price_per_credit__gte=0),
+                                   name="contract_tier_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"from {self.min_credits} credits: {self.price_per_credit}"
+
+
+class ContractInstalment(models.Model):
+    """One payment of the schedule: released on its due date as an issued invoice
+    and a ``contract`` grant of its credits (once: ``released_at``)."""
+
+    contract = models.ForeignKey(Contract, on_delete=models.PROTECT, related_name="instalments")
+    index = models.PositiveIntegerField()
+    due_at = models.DateTimeField(db_index=True)
+    expires_at = models.DateTimeField(help_text="Its credits expire at the end of their contract year.")
+    credits = CreditField()
+    unit_price = RateField(default=ZERO, help_text="Effective price per credit, fixed at release.")
+    amount = MoneyField(default=ZERO)
+    invoice = models.OneToOneField("Invoice", null=True, blank=True, on_delete=models.PROTECT,
+                                   related_name="contract_instalment")
+    grant = models.OneToOneField(CreditGrant, null=True, blank=True, on_delete=models.PROTECT,
+                                 related_name="contract_instalment")
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["contract", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["contract", "index"], name="contract_instalment_unique"),
+            models.CheckConstraint(condition=Q(credits__gt=0), name="contract_instalment_credits_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.contract} instalment {self.index + 1} due {self.due_at:%Y-%m-%d}"
+
+
+class TrueUp(models.Model):
+    """One true-up date of a contract: the overage outstanding then is settled
+    by a paid-for grant and billed on a ``true_up`` invoice line (once: ``settled_at``)."""
+
+    contract = models.ForeignKey(Contract, on_delete=models.PROTECT, related_name="true_ups")
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField(db_index=True, help_text="The true-up date.")
+    committed = CreditField(default=ZERO)
+    consumed = CreditField(default=ZERO)
+    overage_credits = CreditField(default=ZERO)
+    unit_price = RateField(default=ZERO)
+    amount = MoneyField(default=ZERO)
+    invoice = models.OneToOneField("Invoice", null=True, blank=True, on_delete=models.PROTECT,
+                                   related_name="true_up")
+    grant = models.OneToOneField(CreditGrant, null=True, blank=True, on_delete=models.PROTECT,
+                                 related_name="true_up")
+    settled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["contract", "period_end"]
+        verbose_name = "true-up"
+        constraints = [
+            models.UniqueConstraint(fields=["contract", "period_end"], name="true_up_unique_per_date"),
+            models.CheckConstraint(condition=Q(period_end__gt=models.F("period_start")),
+                                   name="true_up_period_ordered"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.contract} true-up {self.period_end:%Y-%m-%d}"
+
+
+class ContractAmendment(models.Model):
+    """A change to a live contract: credits added mid-term (a grant and an
+    invoice), a new price from a date, or a renewal (term extended, unused
+    credits rolled over)."""
+
+    class Kind(models.TextChoices):
+        ADD_CREDITS = "add_credits", "Credits added"
+        PRICE_CHANGE = "price_change", "Price changed"
+        RENEWAL = "renewal", "Renewal"
+
+    contract = models.ForeignKey(Contract, on_delete=models.PROTECT, related_name="amendments")
+    kind = models.CharField(max_length=12, choices=Kind.choices)
+    effective_at = models.DateTimeField()
+    credits = CreditField(default=ZERO, help_text="Added, or rolled over on renewal.")
+    list_price = RateField(null=True, blank=True, help_text="New list price per credit from effective_at.")
+    true_up_price = RateField(null=True, blank=True, help_text="New true-up price from effective_at.")
+    months = models.PositiveSmallIntegerField(default=0, help_text="Months a renewal added to the term.")
+    invoice = models.OneToOneField("Invoice", null=True, blank=True, on_delete=models.PROTECT,
+                                   related_name="contract_amendment")
+    grant = models.OneToOneField(CreditGrant, null=True, blank=True, on_delete=models.PROTECT,
+                                 related_name="contract_amendment")
+    note = models.CharField(max_length=500, blank=True)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["contract", "effective_at", "pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["contract", "idempotency_key"], condition=Q(idempotency_key__isnull=False),
+                                    name="contract_amendment_idempotency"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} on {self.contract} ({self.effective_at:%Y-%m-%d})"
