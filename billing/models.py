@@ -1181,3 +1181,88 @@ class ContractAmendment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} on {self.contract} ({self.effective_at:%Y-%m-%d})"
+
+
+# --- Refunds and credit notes ---------------------------------------------------
+# Written only by billing.services.refunds (issue 4: refunds of unused prepaid credits).
+
+
+class RefundRequest(models.Model):
+    """A request to give back a paid grant's unused credits: asked by finance or
+    support, decided by another person with the approve permission."""
+
+    class Status(models.TextChoices):
+        PENDING_APPROVAL = "pending_approval", "Pending approval"
+        REFUNDED = "refunded", "Approved and refunded"
+        REJECTED = "rejected", "Rejected"
+
+    grant = models.ForeignKey(CreditGrant, on_delete=models.PROTECT, related_name="refund_requests")
+    credits = CreditField(null=True, blank=True, help_text="Empty: all credits still unused at approval.")
+    reason = models.CharField(max_length=500)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING_APPROVAL, db_index=True)
+    refunded_credits = CreditField(default=ZERO, editable=False)
+    amount = MoneyField(default=ZERO, editable=False, help_text="Money credited back to the customer.")
+    currency = models.CharField(max_length=3, validators=[validate_currency])
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_note = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=now)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.CheckConstraint(condition=Q(credits__isnull=True) | Q(credits__gt=0),
+                                   name="refund_request_credits_positive"),
+            models.CheckConstraint(condition=Q(refunded_credits__gte=0, amount__gte=0),
+                                   name="refund_request_amounts_not_negative"),
+        ]
+        permissions = [("approve_refundrequest", "Can approve or reject refund requests")]
+
+    def __str__(self) -> str:
+        what = f"{self.credits.normalize():f} credits" if self.credits is not None else "all unused credits"
+        return f"Refund #{self.pk}: {what} of grant #{self.grant_id}"
+
+
+class CreditNote(models.Model):
+    """The document of an approved refund: numbered CN-<year>-<n> without gaps
+    per year (its own series), linked to the grant, the purchase and the invoice
+    the credits were bought on, and to the ``refund`` ledger entry."""
+
+    number = models.CharField(max_length=32, unique=True)
+    year = models.PositiveSmallIntegerField()
+    sequence = models.PositiveIntegerField()
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="credit_notes")
+    grant = models.ForeignKey(CreditGrant, on_delete=models.PROTECT, related_name="credit_notes")
+    refund_request = models.OneToOneField(RefundRequest, on_delete=models.PROTECT, related_name="credit_note")
+    ledger_entry = models.OneToOneField(LedgerEntry, on_delete=models.PROTECT, related_name="credit_note")
+    pack_purchase = models.ForeignKey(
+        PackPurchase, null=True, blank=True, on_delete=models.PROTECT, related_name="credit_notes"
+    )
+    invoice = models.ForeignKey(
+        "Invoice", null=True, blank=True, on_delete=models.PROTECT, related_name="credit_notes",
+        help_text="The invoice the refunded credits were bought on.",
+    )
+    description = models.CharField(max_length=500)
+    credits = CreditField()
+    unit_price = RateField(help_text="The grant's cost basis: money paid per credit.")
+    amount = MoneyField(help_text="Credits × unit price, rounded once to the currency.")
+    currency = models.CharField(max_length=3, validators=[validate_currency])
+    reason = models.CharField(max_length=500, blank=True)
+    issued_at = models.DateTimeField(db_index=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["-issued_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["year", "sequence"], name="credit_note_number_unique_per_year"),
+            models.CheckConstraint(condition=Q(credits__gt=0, amount__gte=0), name="credit_note_amounts_valid"),
+        ]
+        permissions = [("view_revenue_report", "Can view the revenue report and revenue schedules")]
+
+    def __str__(self) -> str:
+        return self.number
