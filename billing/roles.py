@@ -20,13 +20,22 @@ ROLES = (FINANCE, SALES_REP, SALES_MANAGER, SUPPORT, AUDITOR)
 BILLING_MODELS = (
     "customer", "wallet", "creditgrant", "ledgerentry", "feature", "featurecost", "usageevent", "reservation",
     "creditpack", "packdiscounttier", "packpurchase", "adjustment", "apikey", "auditevent", "outboxevent", "jobrun",
-    "idempotencyrecord",
+    "idempotencyrecord", "teamspendinglimit", "teamspend",
 )
 # Invoices and payments (issue 4): finance writes them through services, auditors read them.
 INVOICING_MODELS = ("billingprofile", "invoice", "invoiceline", "payment", "invoicenumbercounter", "plan",
                     "subscription", "subscriptionperiod")
 APPEND_ONLY = {"ledgerentry", "usageevent", "auditevent", "outboxevent", "idempotencyrecord", "jobrun",
-               "invoicenumbercounter", "subscriptionperiod"}
+               "invoicenumbercounter", "subscriptionperiod", "teamspend"}
+# Refunds and revenue (issue 4): finance requests refunds, approves others' and
+# reads the revenue report; support may request a refund; auditors read. Credit
+# notes are written by the refund service only, so nobody adds or changes them.
+REVENUE_PERMISSIONS = {
+    FINANCE: ["billing.view_refundrequest", "billing.add_refundrequest", "billing.approve_refundrequest",
+              "billing.view_creditnote", "billing.view_revenue_report"],
+    SUPPORT: ["billing.view_refundrequest", "billing.add_refundrequest"],
+    AUDITOR: ["billing.view_refundrequest", "billing.view_creditnote", "billing.view_revenue_report"],
+}
 # Extra apps whose models every role may read (e.g. the beat schedule for finance).
 READ_ONLY_APPS = {"django_celery_beat"}
 
@@ -41,21 +50,21 @@ def role_permissions() -> dict[str, list[str]]:
     finance = (
         view_all
         + _perms("billing", finance_writable, ("add", "change"))
-        + ["billing.approve_creditgrant"]
+        + ["billing.approve_creditgrant", "billing.delete_teamspendinglimit"]
         + _perms("django_celery_beat", ("periodictask", "crontabschedule", "intervalschedule"), ("view", "change"))
     )
     sales_view = _perms("billing", (
         "customer", "wallet", "creditgrant", "ledgerentry", "feature", "featurecost", "usageevent", "reservation",
-        "creditpack", "packdiscounttier", "packpurchase",
+        "creditpack", "packdiscounttier", "packpurchase", "teamspendinglimit",
     ), ("view",))
     support = sales_view + ["billing.change_customer", "billing.view_adjustment"]
     auditor = view_all + _perms("django_celery_beat", ("periodictask",), ("view",))
     return {
-        FINANCE: finance,
+        FINANCE: finance + REVENUE_PERMISSIONS[FINANCE],
         SALES_REP: sales_view,
         SALES_MANAGER: sales_view,
-        SUPPORT: support,
-        AUDITOR: auditor,
+        SUPPORT: support + REVENUE_PERMISSIONS[SUPPORT],
+        AUDITOR: auditor + REVENUE_PERMISSIONS[AUDITOR],
     }
 
 

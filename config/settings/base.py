@@ -188,6 +188,14 @@ CREDITDESK_API_RATE_LIMIT = env("CREDITDESK_API_RATE_LIMIT") or None
 CREDITDESK_INVOICE_NET_TERMS_DAYS = int(env("CREDITDESK_INVOICE_NET_TERMS_DAYS", "30"))
 # The seller named on invoices (HTML and PDF).
 CREDITDESK_INVOICE_SELLER = env("CREDITDESK_INVOICE_SELLER", "Creditdesk")
+# --- Revenue recognition ----------------------------------------------------
+# Money per promotional credit for the promotion cost in the revenue report;
+# unset: the smallest active prepaid pack's price ÷ credits in the report's currency.
+CREDITDESK_PROMOTION_LIST_PRICE = (
+    Decimal(env("CREDITDESK_PROMOTION_LIST_PRICE")) if env("CREDITDESK_PROMOTION_LIST_PRICE") else None
+)
+# Where the nightly revenue check sends its alert when something does not reconcile.
+CREDITDESK_FINANCE_ALERT_EMAIL = env("CREDITDESK_FINANCE_ALERT_EMAIL", "finance@creditdesk.local")
 # Standard Webhooks secret ("whsec_<base64>") of the payment provider's webhook;
 # unset: POST /api/v1/payments/webhook refuses every call.
 PAYMENTS_WEBHOOK_SECRET = env("PAYMENTS_WEBHOOK_SECRET")
