@@ -99,12 +99,22 @@ def _original_invoice(grant: CreditGrant) -> Invoice | None:
     return None
 
 
+def _refund_money(grant: CreditGrant, credits: Decimal) -> Decimal:
+    """Credits × the grant's cost basis, rounded once; never more than the money
+    still deferred, and the refund that empties the grant takes exactly what is
+    deferred (within one minor unit of the product), so revenue never drifts."""
+    deferred = max(grant_figures_now(grant).deferred, ZERO)
+    if credits == grant.remaining:
+        return deferred
+    return min(round_money(credits * grant.per_unit_cost_basis, grant.currency), deferred)
+
+
 def refund_approve(*, refund_id: int, user, now: datetime | None = None) -> RefundRequest:
     """Approve a pending refund (maker-checker: never the requester's own) and
     carry it out at once, under the grant and wallet locks: the credits asked
     (or all unused ones) leave the grant through one ``refund`` entry, a credit
-    note of credits × the grant's cost basis (rounded once, never more than the
-    deferred money left) is numbered and issued, and ``refund.approved`` is
+    note of credits × the grant's cost basis (``_refund_money``) is numbered and
+    issued, and ``refund.approved`` is
     published. Raises PermissionDenied, Conflict when the request was decided
     already or the grant has fewer unused credits than asked (checked again here)."""
     with transaction.atomic():
@@ -124,8 +134,7 @@ def refund_approve(*, refund_id: int, user, now: datetime | None = None) -> Refu
             raise Conflict(f"Grant #{grant.pk} has only {grant.remaining} unused credits left; "
                            f"the request asks for {credits}.", code="over_refund",
                            details={"remaining": str(grant.remaining)})
-        deferred = grant_figures_now(grant).deferred
-        amount = min(round_money(credits * grant.per_unit_cost_basis, grant.currency), max(deferred, ZERO))
+        amount = _refund_money(grant, credits)
         was_usable = grant.is_usable(now)
         grant.remaining -= credits
         fields = {"remaining": grant.remaining}

@@ -58,7 +58,7 @@ from billing.models import (
     InvoiceLine,
     LedgerEntry,
 )
-from billing.numbers import ZERO, round_money, round_rate
+from billing.numbers import ZERO, minor_units, round_money, round_rate
 
 # A bound after every entry: "as of everything written so far", even on a frozen clock.
 ALL_TIME = datetime(9999, 1, 1, tzinfo=UTC)
@@ -423,9 +423,9 @@ def revenue_report(*, year: int, month: int, currency: str = "USD") -> RevenueRe
         ledger_tie["remaining"] += p2.remaining
     _invoice_revenue(report)
     _promotion_cost(report)
-    notes = CreditNote.objects.filter(currency=currency, issued_at__gte=start, issued_at__lt=end).aggregate(
-        amount=Sum("amount"), credits=Sum("credits"))
-    report.credit_notes = CreditNote.objects.filter(currency=currency, issued_at__gte=start, issued_at__lt=end).count()
+    month_notes = CreditNote.objects.filter(currency=currency, issued_at__gte=start, issued_at__lt=end)
+    notes = month_notes.aggregate(amount=Sum("amount"), credits=Sum("credits"))
+    report.credit_notes = month_notes.count()
     paid_ids = [g.id for g in grants]
     by_type = dict(
         LedgerEntry.objects.filter(grant_id__in=paid_ids, created_at__gte=start, created_at__lt=end)
@@ -441,6 +441,8 @@ def revenue_report(*, year: int, month: int, currency: str = "USD") -> RevenueRe
         Check("Invariant 7 at month end: recognized + deferred + breakage + refunded = money paid",
               paid_sum, invariant_sum),
         Check("Refunds = credit notes issued in the month", notes["amount"] or ZERO, report.refunds),
+        Check("Credit notes = credits × cost basis, rounded once (± one minor unit on a grant's last refund)",
+              credit_notes_expected(month_notes), notes["amount"] or ZERO),
         Check("Refunded credits = ledger refund entries",
               -(by_type.get(LedgerEntry.Type.REFUND) or ZERO), report.refunded_credits),
         Check("Refunded credits = credit notes' credits", notes["credits"] or ZERO, report.refunded_credits),
@@ -459,6 +461,17 @@ def revenue_report(*, year: int, month: int, currency: str = "USD") -> RevenueRe
               sum(report.invoiced.values(), ZERO)),
     ]
     return report
+
+
+def credit_notes_expected(notes) -> Decimal:
+    """What the notes should add up to: each note's credits × unit price rounded
+    once, or its own amount when within one minor unit of that (the refund that
+    empties a grant takes exactly the deferred rest)."""
+    total = ZERO
+    for credits, unit_price, amount, currency in notes.values_list("credits", "unit_price", "amount", "currency"):
+        exact = round_money(credits * unit_price, currency)
+        total += amount if abs(amount - exact) <= Decimal(1).scaleb(-minor_units(currency)) else exact
+    return total
 
 
 def _invoice_revenue(report: RevenueReport) -> None:
