@@ -36,12 +36,25 @@ REVENUE_PERMISSIONS = {
     SUPPORT: ["billing.view_refundrequest", "billing.add_refundrequest"],
     AUDITOR: ["billing.view_refundrequest", "billing.view_creditnote", "billing.view_revenue_report"],
 }
+CONTRACT_MODELS = ("contract", "contractpricetier", "contractinstalment", "trueup", "contractamendment")
 # Extra apps whose models every role may read (e.g. the beat schedule for finance).
 READ_ONLY_APPS = {"django_celery_beat"}
 
 
 def _perms(app: str, models: tuple[str, ...], actions: tuple[str, ...]) -> list[str]:
     return [f"{app}.{action}_{model}" for model in models for action in actions]
+
+
+def _contract_permissions() -> dict[str, list[str]]:
+    """Enterprise contracts (issue 4): finance drafts contracts and their volume
+    tiers and runs them through the contract services, the only writers of
+    instalments, true-ups and amendments; sales see contracts; auditors read."""
+    return {
+        FINANCE: _perms("billing", CONTRACT_MODELS, ("view",)) + _perms("billing", ("contract", "contractpricetier"),
+                                                                       ("add", "change")),
+        SALES_REP: _perms("billing", ("contract", "trueup"), ("view",)),
+        AUDITOR: _perms("billing", CONTRACT_MODELS, ("view",)),
+    }
 
 
 def role_permissions() -> dict[str, list[str]]:
@@ -59,6 +72,9 @@ def role_permissions() -> dict[str, list[str]]:
     ), ("view",))
     support = sales_view + ["billing.change_customer", "billing.view_adjustment"]
     auditor = view_all + _perms("django_celery_beat", ("periodictask",), ("view",))
+    contracts = _contract_permissions()
+    finance, auditor = finance + contracts[FINANCE], auditor + contracts[AUDITOR]
+    sales_view = sales_view + contracts[SALES_REP]
     return {
         FINANCE: finance + REVENUE_PERMISSIONS[FINANCE],
         SALES_REP: sales_view,

@@ -99,3 +99,16 @@ def subscriptions_close_due() -> int:
         job.set_total(closed)
         job.note(closed=closed, as_of=now.isoformat())
     return closed
+
+
+@shared_task(name="billing.tasks.contracts_run_due", **RETRYING)
+def contracts_run_due() -> int:
+    """Release every due contract instalment and settle every due true-up, in date order. Returns the steps run."""
+    from billing.services.contracts import contracts_run_due as run_due
+
+    now = timezone.now()
+    with job_run("contracts_run_due") as job:
+        steps = run_due(now=now, progress=job.advance)
+        job.set_total(job.run.done)
+        job.note(steps=steps, as_of=now.isoformat())
+    return steps

@@ -56,6 +56,14 @@ BILLING_JOBS: tuple[ScheduledJob, ...] = (
                     "(fee + overage) and grants the next period's credits. Idempotent per period.",
         expires_after=timedelta(minutes=15),
     ),
+    ScheduledJob(
+        name="Run contract instalments and true-ups",
+        task="billing.tasks.contracts_run_due",
+        every=timedelta(minutes=15),
+        description="Releases every contract instalment that is due (invoice + contract credits) and settles every "
+                    "due true-up (overage billed on a true-up invoice), in date order. Idempotent per step.",
+        expires_after=timedelta(minutes=15),
+    ),
 )
 
 

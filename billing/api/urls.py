@@ -4,6 +4,7 @@ from django.urls import path, re_path, register_converter
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api.base import BALANCE_READ, USAGE_WRITE
+from billing.api.contracts import ContractDetailApi, ContractListApi, ContractStatementApi
 from billing.api.customers import (
     CustomerBalanceApi,
     CustomerCreateApi,
@@ -73,6 +74,9 @@ urlpatterns = [
          name="api-reservation-capture"),
     path("reservations/<rowid:reservation_id>/release", ReservationReleaseApi.as_view(),
          name="api-reservation-release"),
+    path("contracts", ContractListApi.as_view(), name="api-contracts"),
+    path("contracts/<rowid:contract_id>", ContractDetailApi.as_view(), name="api-contract"),
+    path("contracts/<rowid:contract_id>/statement", ContractStatementApi.as_view(), name="api-contract-statement"),
     path("payments/webhook", PaymentWebhookApi.as_view(), name="api-payments-webhook"),
     re_path(r"^schema/?$", PublicSchemaView.as_view(), name="api-schema"),
     re_path(r"^docs/?$", PublicDocsView.as_view(url_name="api-schema"), name="api-docs"),

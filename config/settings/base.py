@@ -186,6 +186,9 @@ CREDITDESK_API_RATE_LIMIT = env("CREDITDESK_API_RATE_LIMIT") or None
 # --- Invoices and payments --------------------------------------------------
 # Days from issue to due date for customers without a billing profile.
 CREDITDESK_INVOICE_NET_TERMS_DAYS = int(env("CREDITDESK_INVOICE_NET_TERMS_DAYS", "30"))
+# An activated contract lets its pooled wallet borrow (overdraft) up to its
+# committed credits per year × this factor, unless the contract sets a limit.
+CREDITDESK_CONTRACT_OVERDRAFT_FACTOR = Decimal(env("CREDITDESK_CONTRACT_OVERDRAFT_FACTOR", "1"))
 # The seller named on invoices (HTML and PDF).
 CREDITDESK_INVOICE_SELLER = env("CREDITDESK_INVOICE_SELLER", "Creditdesk")
 # --- Revenue recognition ----------------------------------------------------
