@@ -24,9 +24,9 @@ BILLING_MODELS = (
 )
 # Invoices and payments (issue 4): finance writes them through services, auditors read them.
 INVOICING_MODELS = ("billingprofile", "invoice", "invoiceline", "payment", "invoicenumbercounter", "plan",
-                    "subscription", "subscriptionperiod")
+                    "subscription", "subscriptionperiod", "subscriptionchange")
 APPEND_ONLY = {"ledgerentry", "usageevent", "auditevent", "outboxevent", "idempotencyrecord", "jobrun",
-               "invoicenumbercounter", "subscriptionperiod", "teamspend"}
+               "invoicenumbercounter", "subscriptionperiod", "subscriptionchange", "teamspend"}
 # Refunds and revenue (issue 4): finance requests refunds, approves others' and
 # reads the revenue report; support may request a refund; auditors read. Credit
 # notes are written by the refund service only, so nobody adds or changes them.

@@ -101,6 +101,19 @@ def subscriptions_close_due() -> int:
     return closed
 
 
+@shared_task(name="billing.tasks.subscriptions_refresh_status", **RETRYING)
+def subscriptions_refresh_status() -> int:
+    """Trials that ended turn active, overdue period invoices make subscriptions past_due. Returns how many changed."""
+    from billing.services.plans import subscriptions_refresh_status as refresh
+
+    now = timezone.now()
+    with job_run("subscriptions_refresh_status") as job:
+        changed = refresh(now=now, progress=job.advance)
+        job.set_total(job.run.done)
+        job.note(changed=changed, as_of=now.isoformat())
+    return changed
+
+
 @shared_task(name="billing.tasks.contracts_run_due", **RETRYING)
 def contracts_run_due() -> int:
     """Release every due contract instalment and settle every due true-up, in date order. Returns the steps run."""
@@ -112,3 +125,18 @@ def contracts_run_due() -> int:
         job.set_total(job.run.done)
         job.note(steps=steps, as_of=now.isoformat())
     return steps
+
+
+@shared_task(name="billing.tasks.revenue_check", **RETRYING)
+def revenue_check() -> int:
+    """Nightly: invariant 7 for every paid grant and the revenue report's reconciliation; on any
+    difference finance is alerted (email, ``revenue.mismatch`` event, the report's banner). Returns
+    the number of differences."""
+    from billing.services import revenue
+
+    now = timezone.now()
+    with job_run(revenue.CHECK_JOB) as job:
+        result = revenue.revenue_check(now=now, progress=job.advance)
+        result.alerted = revenue.revenue_check_alert(result, now=now)
+        job.note(**result.detail(), as_of=now.isoformat())
+    return len(result.mismatches)

@@ -57,12 +57,29 @@ BILLING_JOBS: tuple[ScheduledJob, ...] = (
         expires_after=timedelta(minutes=15),
     ),
     ScheduledJob(
+        name="Refresh subscription statuses",
+        task="billing.tasks.subscriptions_refresh_status",
+        every=timedelta(hours=1),
+        description="Trialing subscriptions whose trial ended turn active; a subscription with an overdue period "
+                    "invoice turns past_due (and active again once it is paid). Idempotent.",
+        expires_after=timedelta(hours=1),
+    ),
+    ScheduledJob(
         name="Run contract instalments and true-ups",
         task="billing.tasks.contracts_run_due",
         every=timedelta(minutes=15),
         description="Releases every contract instalment that is due (invoice + contract credits) and settles every "
                     "due true-up (overage billed on a true-up invoice), in date order. Idempotent per step.",
         expires_after=timedelta(minutes=15),
+    ),
+    ScheduledJob(
+        name="Check revenue against the ledger",
+        task="billing.tasks.revenue_check",
+        every=timedelta(days=1),
+        description="Checks invariant 7 (recognized + deferred + breakage + refunded = money paid) for every paid "
+                    "grant and the revenue report's reconciliation for this month and last; any difference is "
+                    "emailed to finance, published as revenue.mismatch and shown on the revenue report.",
+        expires_after=timedelta(hours=6),
     ),
 )
 

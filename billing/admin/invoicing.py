@@ -1,8 +1,8 @@
 """Invoices and payments in the back office: draft → add lines → issue (number,
 email with PDF) → record payment or void; the HTML view and the PDF download;
 billing profiles (billing email, net terms, tax rate); plans and subscriptions
-(start, close a period that has ended, cancel at period end). Finance works
-here, auditors read. Every change goes through ``billing.services.invoices``
+(start, change plan with a proration preview before confirming, cancel now or
+at period end, close a period that has ended). Finance works here, auditors read. Every change goes through ``billing.services.invoices``
 and ``billing.services.plans``.
 """
 
@@ -15,6 +15,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.widgets import AdminSplitDateTime, ForeignKeyRawIdWidget
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -43,7 +44,9 @@ from billing.models import (
     Payment,
     Plan,
     Subscription,
+    SubscriptionChange,
     SubscriptionPeriod,
+    Wallet,
 )
 from billing.numbers import MAX_QUANTITY, MAX_RATE
 from billing.services.invoices import (
@@ -53,7 +56,13 @@ from billing.services.invoices import (
     invoice_void,
     payment_record,
 )
-from billing.services.plans import subscription_cancel, subscription_period_close, subscription_start
+from billing.services.plans import (
+    subscription_cancel,
+    subscription_change_plan,
+    subscription_change_preview,
+    subscription_period_close,
+    subscription_start,
+)
 
 MONEY_MAX = Decimal("9999999999999999.99")
 
@@ -290,13 +299,36 @@ class PlanAdmin(AuditedAdminMixin, BillingModelAdmin):
 class SubscriptionStartForm(forms.Form):
     customer = forms.ModelChoiceField(queryset=Customer.objects.all())
     plan = forms.ModelChoiceField(queryset=Plan.objects.filter(active=True))
+    wallet = forms.ModelChoiceField(queryset=Wallet.objects.all(), required=False,
+                                    help_text="Empty: the customer's default wallet.")
     start_at = forms.SplitDateTimeField(widget=AdminSplitDateTime, required=False, help_text="Empty: now.")
 
     def __init__(self, *args, admin_site=None, **kwargs):
         super().__init__(*args, **kwargs)
         if admin_site is not None:
-            self.fields["customer"].widget = ForeignKeyRawIdWidget(
-                Subscription._meta.get_field("customer").remote_field, admin_site)
+            for name in ("customer", "wallet"):
+                self.fields[name].widget = ForeignKeyRawIdWidget(
+                    Subscription._meta.get_field(name).remote_field, admin_site)
+
+
+class PlanChangeForm(forms.Form):
+    plan = forms.ModelChoiceField(queryset=Plan.objects.filter(active=True), help_text="Same currency and period.")
+    confirm = forms.BooleanField(required=False, widget=forms.HiddenInput)
+
+
+class SubscriptionChangeInline(admin.TabularInline):
+    model = SubscriptionChange
+    fields = ("effective_at", "from_plan", "to_plan", "remaining_fraction", "unused_credit", "remaining_charge",
+              "credits_delta", "included_grant", "overage_credits", "created_by")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
 
 
 class SubscriptionPeriodInline(admin.TabularInline):
@@ -327,10 +359,10 @@ class SubscriptionAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMix
     list_filter = ("status", "plan", "cancel_at_period_end")
     search_fields = ("customer__external_id", "customer__name")
     ordering = ("-created_at", "-id")
-    inlines = (SubscriptionPeriodInline,)
+    inlines = (SubscriptionPeriodInline, SubscriptionChangeInline)
     readonly_fields = ("customer_link", "plan", "wallet", "status", "anchor_date", "period_index",
-                       "current_period_start", "current_period_end", "cancel_at_period_end", "canceled_at",
-                       "created_by", "created_at")
+                       "current_period_start", "current_period_end", "trial_ends_at", "cancel_at_period_end",
+                       "canceled_at", "created_by", "created_at")
     fields = readonly_fields
     operations = (
         Operation("close_period", "Close period", "change", _close_period, "Closed {count} period(s).",
@@ -342,7 +374,61 @@ class SubscriptionAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMix
                   "{count} subscription(s) will end with their current period.",
                   available=lambda sub, user: sub.status != Subscription.Status.CANCELED
                   and not sub.cancel_at_period_end),
+        Operation("cancel_now", "Cancel now", "change",
+                  lambda request, sub, data: subscription_cancel(subscription_id=sub.pk, at_period_end=False,
+                                                                 actor=request.user),
+                  "Cancelled {count} subscription(s) now.",
+                  available=lambda sub, user: sub.status != Subscription.Status.CANCELED
+                  and sub.current_period_end > timezone.now(),
+                  help="Closes the current period now: its invoice bills the fee to date (the rest is credited) "
+                       "and any overage; the remaining included credits are voided."),
     )
+
+    def operation_buttons(self, request, obj) -> list[dict]:
+        buttons = super().operation_buttons(request, obj)
+        if (obj.status != Subscription.Status.CANCELED and not obj.cancel_at_period_end
+                and obj.current_period_end > timezone.now() and self.has_change_permission(request, obj)):
+            buttons.insert(0, {"label": "Change plan",
+                               "url": reverse("admin:billing_subscription_change_plan", args=[obj.pk])})
+        return buttons
+
+    def get_urls(self):
+        change_plan = path("<path:object_id>/change_plan/", self.admin_site.admin_view(self.change_plan_view),
+                           name="billing_subscription_change_plan")
+        return [change_plan, *super().get_urls()]
+
+    def change_plan_view(self, request, object_id):
+        """Pick a plan, see the proration (``subscription_change_preview``), then
+        confirm: ``subscription_change_plan`` recomputes it at that moment."""
+        subscription = self.get_object(request, object_id)
+        if subscription is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        if not self.has_change_permission(request, subscription):
+            raise PermissionDenied
+        change_url = reverse("admin:billing_subscription_change", args=[subscription.pk])
+        form = PlanChangeForm(request.POST or None)
+        preview = None
+        if request.method == "POST" and form.is_valid():
+            plan = form.cleaned_data["plan"]
+            if form.cleaned_data["confirm"]:
+                change = run_service(request, lambda: subscription_change_plan(
+                    subscription_id=subscription.pk, plan=plan, actor=request.user))
+                if change is not None:
+                    messages.success(request, f"{subscription.customer.name} moved to {plan.name}; the proration "
+                                              "is billed on the period's invoice.")
+                    return HttpResponseRedirect(change_url)
+            else:
+                preview = run_service(request, lambda: subscription_change_preview(
+                    subscription_id=subscription.pk, plan=plan))
+                if preview is not None:
+                    form = PlanChangeForm(initial={"plan": plan, "confirm": True})
+                    form.fields["plan"].widget = forms.HiddenInput()
+        context = {
+            **self.admin_site.each_context(request), "opts": self.opts, "title": f"Change plan: {subscription}",
+            "form": form, "subscription": subscription, "preview": preview, "change_url": change_url,
+            "media": self.media + form.media,
+        }
+        return TemplateResponse(request, "admin/billing/subscription_change_plan.html", context)
 
     @admin.display(description="customer", ordering="customer__name")
     def customer_link(self, obj):
@@ -357,7 +443,8 @@ class SubscriptionAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMix
             if form.is_valid():
                 data = form.cleaned_data
                 subscription = run_service(request, lambda: subscription_start(
-                    customer=data["customer"], plan=data["plan"], start_at=data["start_at"], actor=request.user))
+                    customer=data["customer"], plan=data["plan"], wallet=data["wallet"], start_at=data["start_at"],
+                    actor=request.user))
                 if subscription is not None:
                     messages.success(request, f"{subscription} started.")
                     return HttpResponseRedirect(reverse("admin:billing_subscription_change",
@@ -366,7 +453,8 @@ class SubscriptionAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMix
             form = SubscriptionStartForm(initial={"customer": request.GET.get("customer")},
                                          admin_site=self.admin_site)
         return render_form_page(self, request, form, title="Put a customer on a plan", submit="Start subscription",
-                                intro="The plan's included credits for the first period are granted at once.")
+                                intro="The plan's included credits for the first period are granted at once; a plan "
+                                      "with trial days starts trialing.")
 
 
 @admin.register(SubscriptionPeriod)
@@ -375,3 +463,12 @@ class SubscriptionPeriodAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
                     "closed_at")
     list_select_related = ("subscription__customer", "subscription__plan", "invoice")
     search_fields = ("subscription__customer__external_id",)
+
+
+@admin.register(SubscriptionChange)
+class SubscriptionChangeAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
+    list_display = ("id", "subscription", "from_plan", "to_plan", "effective_at", "unused_credit",
+                    "remaining_charge", "credits_delta")
+    list_select_related = ("subscription__customer", "subscription__plan", "from_plan", "to_plan")
+    list_filter = ("to_plan", "effective_at")
+    search_fields = ("subscription__customer__external_id", "subscription__customer__name")

@@ -28,6 +28,7 @@ from billing.models import (
     InvoiceLine,
     PackPurchase,
     Payment,
+    SubscriptionPeriod,
 )
 from billing.numbers import MAX_QUANTITY, MAX_RATE, ZERO, round_money, round_rate
 from billing.services.audit import audit_record
@@ -197,7 +198,18 @@ def invoice_void(*, invoice_id: int, reason: str, actor=None, actor_label: str =
         audit_record(actor=actor, actor_label=actor_label, action="invoice.void", obj=invoice,
                      changes={"reason": reason})
         events.publish("invoice.voided", {"invoice": invoice.pk, "number": invoice.number})
+        _refresh_subscription(invoice)
     return invoice
+
+
+def _refresh_subscription(invoice: Invoice) -> None:
+    """A period invoice paid or voided may end its subscription's ``past_due``."""
+    from billing.services.plans import subscription_refresh_status  # plans builds on this module
+
+    subscription_id = (SubscriptionPeriod.objects.filter(invoice=invoice)
+                       .values_list("subscription_id", flat=True).first())
+    if subscription_id is not None:
+        subscription_refresh_status(subscription_id=subscription_id)
 
 
 def _pending_grant_ids(invoice: Invoice) -> list[int]:
@@ -269,6 +281,7 @@ def payment_record(
             if invoice.status == Invoice.Status.PAID:
                 _activate_paid_grants(invoice, actor=actor, actor_label=actor_label)
                 events.publish("invoice.paid", {"invoice": invoice.pk, "number": invoice.number})
+                _refresh_subscription(invoice)
     except IntegrityError:
         existing = Payment.objects.filter(provider_event_id=provider_event_id).first() if provider_event_id else None
         if existing is None:

@@ -43,3 +43,18 @@ def test_the_close_task_closes_ended_periods_and_records_its_run():
 
 def test_the_close_job_is_scheduled():
     assert "billing.tasks.subscriptions_close_due" in {job.task for job in SCHEDULE}
+
+
+def test_the_status_task_ends_trials_records_its_run_and_is_scheduled():
+    plan = Plan.objects.create(code="trial", name="Trial", base_fee=Decimal("10"), trial_days=7)
+    start = datetime(2026, 1, 10, 12, tzinfo=UTC)
+    with time_machine.travel(start, tick=False):
+        subscription = subscription_start(customer=make_customer("taskstatus"), plan=plan)
+    with time_machine.travel(start + timedelta(days=8), tick=False):
+        assert tasks.subscriptions_refresh_status() == 1
+        assert tasks.subscriptions_refresh_status() == 0
+    subscription.refresh_from_db()
+    assert subscription.status == "active"
+    runs = JobRun.objects.filter(name="subscriptions_refresh_status").order_by("pk")
+    assert [(run.status, run.detail["changed"]) for run in runs] == [("succeeded", 1), ("succeeded", 0)]
+    assert "billing.tasks.subscriptions_refresh_status" in {job.task for job in SCHEDULE}
