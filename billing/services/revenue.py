@@ -39,6 +39,7 @@ report disagree with the ledger, and nothing added to the usage hot path.
 
 from __future__ import annotations
 
+import hashlib
 import zoneinfo
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
@@ -184,8 +185,11 @@ class PaidGrant:
 
 
 def _paid_grant_rows(*, currency: str | None = None, created_before: datetime | None = None,
-                     grant_ids: list[int] | None = None) -> list[PaidGrant]:
+                     grant_ids: list[int] | None = None, after_pk: int | None = None,
+                     limit: int | None = None) -> list[PaidGrant]:
     qs = paid_grants()
+    if after_pk is not None:
+        qs = qs.filter(pk__gt=after_pk)
     if currency:
         qs = qs.filter(currency=currency)
     if created_before is not None:
@@ -194,6 +198,8 @@ def _paid_grant_rows(*, currency: str | None = None, created_before: datetime | 
         qs = qs.filter(pk__in=grant_ids)
     rows = qs.order_by("pk").values_list("pk", "wallet__customer__external_id", "kind", "original_amount",
                                          "per_unit_cost_basis", "price_paid", "currency", "purchase__total_price")
+    if limit is not None:
+        rows = rows[:limit]
     return [
         PaidGrant(id=pk, customer=customer, currency=cur, original=original, basis=basis,
                   paid=money_paid(kind=kind, original=original, basis=basis, price_paid=price, purchase_total=total,
@@ -524,3 +530,132 @@ def report_currencies() -> list[str]:
     currencies = set(paid_grants().values_list("currency", flat=True).distinct())
     currencies |= set(Invoice.objects.values_list("currency", flat=True).distinct())
     return sorted(currencies) or ["USD"]
+
+
+# --- Nightly check --------------------------------------------------------------
+
+CHECK_JOB = "revenue_check"
+CHECK_BATCH = 500
+MAX_LISTED = 100
+
+
+@dataclass
+class RevenueCheckResult:
+    checked_grants: int = 0
+    checked_reports: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    alerted: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256("\n".join(self.mismatches).encode()).hexdigest()[:16]
+
+    def detail(self) -> dict:
+        return {"ok": not self.mismatches, "checked_grants": self.checked_grants,
+                "checked_reports": self.checked_reports, "mismatch_count": len(self.mismatches),
+                "mismatches": self.mismatches[:MAX_LISTED], "fingerprint": self.fingerprint,
+                "alerted": self.alerted}
+
+
+def _grant_mismatches(grants: list[PaidGrant]) -> list[str]:
+    """Invariant 7 and its ties to the ledger, the credit notes and the purchases for a batch of paid grants."""
+    found = []
+    ids = [g.id for g in grants]
+    figures = figures_at(grants, [ALL_TIME])
+    stored = dict(CreditGrant.objects.filter(pk__in=ids).values_list("pk", "remaining"))
+    notes = defaultdict(list)
+    for note in CreditNote.objects.filter(grant_id__in=ids).order_by("pk"):
+        notes[note.grant_id].append(note)
+    purchases = {row[0]: row[1:] for row in CreditGrant.objects.filter(pk__in=ids, purchase__isnull=False)
+                 .values_list("pk", "price_paid", "purchase__total_price", "purchase__pk")}
+    invoiced = dict(InvoiceLine.objects.filter(pack_purchase__grant_id__in=ids).exclude(
+        invoice__status=Invoice.Status.VOID).values_list("pack_purchase__grant_id").annotate(total=Sum("amount"))
+        .values_list("pack_purchase__grant_id", "total"))
+    for grant in grants:
+        [(position, f)] = figures[grant.id]
+        label = f"grant #{grant.id} ({grant.customer})"
+        if position.remaining != stored[grant.id]:
+            found.append(f"{label}: ledger says {position.remaining} credits unused, the grant {stored[grant.id]}")
+        if position.activated and position.consumed + position.lapsed + position.refunded + position.remaining \
+                != grant.original:
+            found.append(f"{label}: consumed + lapsed + refunded + unused credits ≠ original {grant.original}")
+        note_credits = sum((n.credits for n in notes[grant.id]), ZERO)
+        if note_credits != position.refunded:
+            found.append(f"{label}: credit notes carry {note_credits} credits, refund entries {position.refunded}")
+        for note in notes[grant.id]:
+            exact = round_money(note.credits * note.unit_price, note.currency)
+            if abs(note.amount - exact) > Decimal(1).scaleb(-minor_units(note.currency)):
+                found.append(f"{label}: credit note {note.number} is {note.amount}, credits × price is {exact}")
+        if grant.id in purchases:
+            price_paid, total, purchase_id = purchases[grant.id]
+            if price_paid != total:
+                found.append(f"{label}: purchase #{purchase_id} totals {total}, the grant says {price_paid} paid")
+            if grant.id in invoiced and invoiced[grant.id] != total:
+                found.append(f"{label}: purchase #{purchase_id} totals {total}, invoiced {invoiced[grant.id]}")
+        if f.recognized + f.deferred + f.breakage + f.refunded != f.paid:
+            found.append(f"{label}: recognized + deferred + breakage + refunded ≠ paid {f.paid}")
+        if min(f.recognized, f.deferred, f.breakage, f.refunded) < 0:
+            found.append(f"{label}: a negative figure (recognized {f.recognized}, deferred {f.deferred}, "
+                         f"breakage {f.breakage}, refunded {f.refunded})")
+    return found
+
+
+def revenue_check(*, now: datetime | None = None, progress=None) -> RevenueCheckResult:
+    """Check invariant 7 for every paid grant (in batches, read-only) and the
+    reconciliation of this month's and last month's report in every currency."""
+    now = now or timezone.now()
+    result = RevenueCheckResult()
+    last_pk = 0
+    while batch := _paid_grant_rows(after_pk=last_pk, limit=CHECK_BATCH):
+        result.mismatches += _grant_mismatches(batch)
+        result.checked_grants += len(batch)
+        last_pk = batch[-1].id
+        if progress:
+            progress(len(batch))
+    this_month = month_of(now)
+    previous = (this_month[0] - 1, 12) if this_month[1] == 1 else (this_month[0], this_month[1] - 1)
+    for currency in report_currencies():
+        for year, month in (previous, this_month):
+            report = revenue_report(year=year, month=month, currency=currency)
+            result.checked_reports += 1
+            result.mismatches += [
+                f"{currency} {year}-{month:02d} report: {check.label}: expected {check.expected}, got {check.actual}"
+                for check in report.checks if not check.ok]
+    return result
+
+
+def revenue_check_alert(result: RevenueCheckResult, *, now: datetime | None = None) -> bool:
+    """Tell finance about a failed check: a ``revenue.mismatch`` outbox event and an
+    email to CREDITDESK_FINANCE_ALERT_EMAIL after commit — once per day for the
+    same set of differences, so a rerun does not alert again. True when alerted now."""
+    from django.core.mail import send_mail
+
+    from billing import events
+    from billing.models import JobRun
+
+    now = now or timezone.now()
+    if not result.mismatches:
+        return False
+    day_start = datetime.combine(now.astimezone(reporting_zone()).date(), datetime.min.time(),
+                                 tzinfo=reporting_zone())
+    if JobRun.objects.filter(name=CHECK_JOB, started_at__gte=day_start, detail__fingerprint=result.fingerprint,
+                             detail__alerted=True).exists():
+        return False
+    listed = "\n".join(f"- {line}" for line in result.mismatches[:MAX_LISTED])
+    body = (f"The nightly revenue check found {len(result.mismatches)} difference(s) "
+            f"between revenue, the ledger, the credit notes and the invoices:\n\n{listed}\n\n"
+            "The revenue report in the admin shows the reconciliation month by month.")
+    with transaction.atomic():
+        events.publish("revenue.mismatch", {"count": len(result.mismatches), "fingerprint": result.fingerprint,
+                                            "mismatches": result.mismatches[:MAX_LISTED]})
+        transaction.on_commit(lambda: send_mail(
+            f"Revenue check: {len(result.mismatches)} difference(s) to look at", body, None,
+            [settings.CREDITDESK_FINANCE_ALERT_EMAIL]))
+    return True
+
+
+def revenue_check_latest():
+    """The last finished nightly check (for the admin banner), or None."""
+    from billing.models import JobRun
+
+    return JobRun.objects.filter(name=CHECK_JOB).exclude(status="running").order_by("-started_at", "-pk").first()
