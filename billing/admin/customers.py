@@ -16,9 +16,10 @@ from billing.admin.base import (
     admin_link,
 )
 from billing.admin.panels import usage_chart, wallet_panel
+from billing.admin.team_limits import TeamSpendingLimitInline, save_team_limits
 from billing.admin_views import bulk_promo_action, bulk_promo_view
 from billing.forms import CustomerAddForm, ReasonForm
-from billing.models import Customer, Wallet
+from billing.models import Customer, TeamSpendingLimit, Wallet
 from billing.services.grants import customer_create
 from billing.services.wallets import wallet_pause, wallet_resume
 
@@ -155,6 +156,7 @@ class WalletAdmin(OperationsMixin, AuditedAdminMixin, AuditHistoryMixin, Billing
     search_fields = ("customer__external_id", "customer__name", "name")
     ordering = ("customer__name", "name", "id")
     raw_id_fields = ("customer",)
+    inlines = (TeamSpendingLimitInline,)
     operations = (
         Operation("pause", "Pause", "change", _pause, "Paused {count} wallet(s).", form_class=ReasonForm,
                   available=lambda w, user: w.status == Wallet.Status.ACTIVE,
@@ -189,6 +191,12 @@ class WalletAdmin(OperationsMixin, AuditedAdminMixin, AuditHistoryMixin, Billing
             return
         obj.is_default = False
         obj.save()
+
+    def save_formset(self, request, form, formset, change):
+        if formset.model is TeamSpendingLimit:
+            save_team_limits(request, form.instance, formset)
+            return
+        super().save_formset(request, form, formset, change)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         extra_context = dict(extra_context or {})

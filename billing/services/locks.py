@@ -1,9 +1,10 @@
 """Row locks, one helper per model.
 
 Lock order, everywhere: grants (primary-key order) first, then the wallet,
-then reservations. The wallet lock is the serialisation point for a wallet's
-balance: every write of a wallet's grants, entries or holds happens while it
-is held, so whoever holds it sees a consistent wallet.
+then the teams' monthly spend counters (``team_limits.lock_team_spends``,
+primary-key order), then reservations. The wallet lock is the serialisation
+point for a wallet's balance: every write of a wallet's grants, entries or
+holds happens while it is held, so whoever holds it sees a consistent wallet.
 """
 
 from __future__ import annotations

@@ -14,7 +14,11 @@ trips; ``usage_charge`` is the same engine with one event. Guarantees:
 - a ``block`` wallet never goes below zero available (grants then wallets are
   locked, in primary-key order, before anything is decided);
 - each event is all-or-nothing: one that does not fit is stored as
-  ``rejected`` and charges nothing, the others in the batch still charge.
+  ``rejected`` and charges nothing, the others in the batch still charge;
+- on a wallet with team spending limits an event of a limited team that would
+  take the team over its month's limit is stored as ``rejected`` (402
+  ``team_limit_exceeded``); the team's counter row is locked after the wallet
+  (``billing.services.team_limits``), other teams are unaffected.
 
 A single event without a reservation takes the fast path: the PostgreSQL
 function of migration 0005 does the same work in one statement (one round
@@ -46,11 +50,13 @@ from billing.models import (
     FeatureCost,
     LedgerEntry,
     Reservation,
+    TeamSpend,
     UsageEvent,
     Wallet,
 )
 from billing.numbers import MAX_CREDITS, ZERO, round_credits
 from billing.services.ledger import Movement, append_entries_many
+from billing.services.team_limits import lock_team_spends, team_limit_exceeded_body, team_of
 
 OK_STATUS = {UsageEvent.Status.CHARGED: 201, UsageEvent.Status.REJECTED: 402}
 # A single event without a reservation is charged by the database function of
@@ -326,7 +332,8 @@ _ANSWER_ORDER = {
     "allocations": ("grant", "amount", "overage"),
     "balance": ("available", "ledger_balance"),
     "error": ("code", "message", "details"),
-    "details": ("required", "available", "reason", "paused_reason", "event_id"),
+    "details": ("required", "available", "reason", "paused_reason", "team", "limit", "spent", "requested", "period",
+                "event_id"),
 }
 
 
@@ -368,6 +375,11 @@ def _charge(requests, hashes, todo, results, now) -> None:
         .order_by("pk")
     )
     wallets = {w.id: w for w in Wallet.objects.select_for_update(of=("self",)).filter(pk__in=wallet_ids).order_by("pk")}
+    # Only wallets with team limits look for them (their counters are locked after the wallets).
+    team_spends = lock_team_spends(keys=[
+        (requests[i].wallet_id, team, requests[i].customer.timezone) for i in todo
+        if wallets[requests[i].wallet_id].has_team_limits and (team := team_of(requests[i].properties)) is not None
+    ], now=now) if any(wallets[w].has_team_limits for w in wallet_ids) else {}
     reservation_ids = sorted({requests[i].reservation_id for i in todo if requests[i].reservation_id})
     reservations = (
         {r.id: r for r in Reservation.objects.select_for_update(of=("self",)).filter(pk__in=reservation_ids).order_by("pk")}
@@ -416,6 +428,17 @@ def _charge(requests, hashes, todo, results, now) -> None:
             results[i] = _paused(request.event_id, credits, wallet.paused_reason)
             continue
         event = _NewEvent(request, rate, credits, hashes[i])
+        team_spend = team_spends.get((wallet.id, team_of(request.properties))) if team_spends else None
+        if team_spend is not None and credits > 0 and team_spend.spent + credits > team_spend.team_limit.monthly_limit:
+            event.status = UsageEvent.Status.REJECTED
+            body = team_limit_exceeded_body(
+                event_id=request.event_id, team=team_spend.team_limit.team, limit=team_spend.team_limit.monthly_limit,
+                spent=team_spend.spent, requested=credits, start=team_spend.period_start)
+            results[i] = ChargeResult(event_id=request.event_id, status="rejected", http_status=402, body=body,
+                                      credits=credits, error=body["error"])
+            event.response = body
+            new_events.append(event)
+            continue
         if credits > available:
             event.status = UsageEvent.Status.REJECTED
             results[i] = _insufficient(request.event_id, credits, available)
@@ -460,6 +483,8 @@ def _charge(requests, hashes, todo, results, now) -> None:
                               available - credits, ledger_after)
         event.response = results[i].body
         last_available[wallet.id] = available - credits
+        if team_spend is not None:
+            team_spend.spent += credits
         new_events.append(event)
 
     _insert_events(new_events, now)
@@ -489,6 +514,8 @@ def _charge(requests, hashes, todo, results, now) -> None:
         reservation.usage_event_id = capturing[reservation.pk].pk
     if captured:
         Reservation.objects.bulk_update(captured, ["status", "closed_at", "usage_event"])
+    if team_spends:
+        TeamSpend.objects.bulk_update(list(team_spends.values()), ["spent"])
     for wallet_id, after in last_available.items():
         wallet = wallets[wallet_id]
         if wallet.crosses_alert_mark(first_available[wallet_id], after):

@@ -21,6 +21,7 @@ from billing.services.api_keys import api_key_create
 from billing.services.grants import adjustment_request, default_wallet, grant_create
 from billing.services.packs import pack_purchase
 from billing.services.reservations import reservation_create
+from billing.services.team_limits import team_limit_set
 from billing.services.usage import ChargeRequest, usage_charge
 from tests.factories import CreditPackFactory, UserFactory, make_customer, make_feature
 
@@ -88,6 +89,7 @@ def book(db, make_staff):
     purchase = pack_purchase(wallet=wallet, pack=pack, quantity=1, purchased_by=requester)
     adjustment = adjustment_request(wallet=wallet, amount=Decimal("-1"), reason="typo", requested_by=requester)
     api_key, _ = api_key_create(name="backend", scopes=["usage:write"], created_by=requester)
+    team_limit = team_limit_set(wallet_id=wallet.pk, team="research", monthly_limit=Decimal("500"))
     return {
         "customer": customer, "wallet": wallet, "creditgrant": grant, "pending": pending, "feature": feature,
         "featurecost": FeatureCost.objects.filter(feature=feature).first(), "reservation": hold,
@@ -98,5 +100,5 @@ def book(db, make_staff):
         "jobrun": JobRun.objects.create(name="grants_expire_due", total=3, done=3, status="done"),
         "idempotencyrecord": IdempotencyRecord.objects.create(scope="grants.create:acme", key="k1",
                                                               request_hash="x", status_code=201, response={}),
-        "requester": requester,
+        "teamspendinglimit": team_limit, "teamspend": team_limit.spends.get(), "requester": requester,
     }

@@ -17,7 +17,7 @@ ROLE_GROUP = {"finance": roles.FINANCE, "sales_rep": roles.SALES_REP, "sales_man
               "support": roles.SUPPORT, "auditor": roles.AUDITOR}
 # Rows created only by services or by the system: nobody adds them in the admin.
 NO_ADD_PAGE = {"ledgerentry", "usageevent", "reservation", "auditevent", "outboxevent", "jobrun",
-               "idempotencyrecord", "packdiscounttier"}
+               "idempotencyrecord", "packdiscounttier", "teamspend"}
 MODELS = [m for m in roles.BILLING_MODELS if m != "packdiscounttier"]  # edited inline on its pack
 
 
