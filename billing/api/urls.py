@@ -16,12 +16,20 @@ from billing.api.customers import (
 )
 from billing.api.fast import hot_route
 from billing.api.features import FeatureCostCreateApi, FeaturesApi
+from billing.api.invoices import CustomerInvoicesApi, InvoiceDetailApi, InvoicePdfApi
 from billing.api.payments import PaymentWebhookApi
 from billing.api.reservations import (
     ReservationCaptureApi,
     ReservationCreateApi,
     ReservationDetailApi,
     ReservationReleaseApi,
+)
+from billing.api.subscriptions import (
+    CustomerSubscriptionsApi,
+    SubscriptionCancelApi,
+    SubscriptionChangePlanApi,
+    SubscriptionChangePreviewApi,
+    SubscriptionDetailApi,
 )
 from billing.api.usage import UsageBatchApi, UsageChargeApi, UsageCheckApi, charge_batch, charge_one
 
@@ -58,6 +66,9 @@ urlpatterns = [
         CustomerBalanceApi.as_view(), "GET, HEAD, OPTIONS", "GET", (BALANCE_READ,), balance_body, with_body=False), name="api-customer-balance"),
     path("customers/<path:external_id>/ledger", CustomerLedgerApi.as_view(), name="api-customer-ledger"),
     path("customers/<path:external_id>/grants", CustomerGrantsApi.as_view(), name="api-customer-grants"),
+    path("customers/<path:external_id>/subscriptions", CustomerSubscriptionsApi.as_view(),
+         name="api-customer-subscriptions"),
+    path("customers/<path:external_id>/invoices", CustomerInvoicesApi.as_view(), name="api-customer-invoices"),
     path("customers/<path:external_id>", CustomerDetailApi.as_view(), name="api-customer"),
     path("grants/<rowid:grant_id>/void", GrantVoidApi.as_view(), name="api-grant-void"),
     path("features", FeaturesApi.as_view(), name="api-features"),
@@ -77,6 +88,15 @@ urlpatterns = [
     path("contracts", ContractListApi.as_view(), name="api-contracts"),
     path("contracts/<rowid:contract_id>", ContractDetailApi.as_view(), name="api-contract"),
     path("contracts/<rowid:contract_id>/statement", ContractStatementApi.as_view(), name="api-contract-statement"),
+    path("subscriptions/<rowid:subscription_id>", SubscriptionDetailApi.as_view(), name="api-subscription"),
+    path("subscriptions/<rowid:subscription_id>/cancel", SubscriptionCancelApi.as_view(),
+         name="api-subscription-cancel"),
+    path("subscriptions/<rowid:subscription_id>/change-plan", SubscriptionChangePlanApi.as_view(),
+         name="api-subscription-change-plan"),
+    path("subscriptions/<rowid:subscription_id>/change-plan/preview", SubscriptionChangePreviewApi.as_view(),
+         name="api-subscription-change-plan-preview"),
+    path("invoices/<str:number>", InvoiceDetailApi.as_view(), name="api-invoice"),
+    path("invoices/<str:number>/pdf", InvoicePdfApi.as_view(), name="api-invoice-pdf"),
     path("payments/webhook", PaymentWebhookApi.as_view(), name="api-payments-webhook"),
     re_path(r"^schema/?$", PublicSchemaView.as_view(), name="api-schema"),
     re_path(r"^docs/?$", PublicDocsView.as_view(url_name="api-schema"), name="api-docs"),
