@@ -129,6 +129,32 @@ def test_demo_api_key_reads_a_balance(demo, client):
     assert response.json()["by_kind"]["promotional"] == str(CreditGrant.objects.get(wallet__customer__external_id="novalabs").remaining)
 
 
+def test_acme_contract_runs_to_its_true_up(demo, client):
+    from billing.models import Contract, InvoiceLine
+    from billing.services.contracts import contract_statement
+
+    contract = Contract.objects.get(customer__external_id="acme")
+    assert contract.status == "active" and contract.wallet.is_default
+    upfront = contract.instalments.get()
+    assert upfront.grant.kind == "contract" and upfront.invoice.lines.get().kind == InvoiceLine.Kind.CONTRACT
+    due = contract.true_ups.order_by("period_end").first()
+    assert due.settled_at is None and due.period_end < timezone.now()
+    statement = contract_statement(contract=contract)
+    assert statement.consumed > statement.committed and statement.projected_true_up_amount > 0
+
+    client.force_login(get_user_model().objects.get(username="finance"))
+    page = client.get(f"/admin/billing/contract/{contract.pk}/change/").content.decode()
+    assert "Run true-up now" in page and "Projected true-up amount" in page
+    overage = contract.wallet.overage
+    assert client.post(f"/admin/billing/contract/{contract.pk}/true_up/", {}).status_code == 302
+    due.refresh_from_db()
+    assert due.settled_at is not None and due.overage_credits == overage > 0
+    assert due.invoice.lines.get().kind == InvoiceLine.Kind.TRUE_UP and due.invoice.status == "issued"
+    contract.wallet.refresh_from_db()
+    assert contract.wallet.overage == 0
+    assert_ledger_consistent(contract.wallet)
+
+
 def _alerts_rows() -> dict[str, list]:
     return {model._meta.label: sorted(model.objects.values_list(flat=False))
             for model in apps.get_app_config("alerts").get_models() if not model._meta.proxy}

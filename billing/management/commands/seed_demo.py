@@ -13,7 +13,9 @@ The story (see README.md, "What you see"):
   refused), then bought three Starter packs at the volume discount.
 - **Nova Labs** (``novalabs``), a trial signup on the promotional Trial pack,
   which expires in three days.
-- **Acme Corp** (``acme``), an enterprise with one pooled ``overdraft`` wallet
+- **Acme Corp** (``acme``), an enterprise on an annual contract (upfront,
+  quarterly true-ups; its first true-up date has passed, ready to run) with one
+  pooled ``overdraft`` wallet
   shared by the research, product and support teams (``properties.team``), a
   negotiated gpt-tokens price, a captured hold, an open hold for a fine-tuning
   run, overage after its contract credits ran out and a top-up grant waiting for
@@ -29,7 +31,7 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from unittest import mock
 
@@ -43,6 +45,7 @@ from django.utils import timezone as django_timezone
 from billing import roles, tasks
 from billing.models import (
     ApiKey,
+    Contract,
     CreditGrant,
     CreditPack,
     Customer,
@@ -52,6 +55,7 @@ from billing.models import (
     Wallet,
 )
 from billing.services.api_keys import hash_key
+from billing.services.contracts import contract_activate, contract_create
 from billing.services.features import feature_cost_create, feature_create
 from billing.services.grants import (
     adjustment_approve,
@@ -61,6 +65,7 @@ from billing.services.grants import (
     grant_create,
 )
 from billing.services.packs import pack_purchase
+from billing.services.plans import add_months
 from billing.services.reservations import reservation_capture, reservation_create
 from billing.services.usage import ChargeRequest, usage_charge_many
 
@@ -235,14 +240,24 @@ class Story:
         return beats.get(number, [])
 
     def acme_signs_contract(self) -> None:
-        self.signup("acme", "Acme Corp", "ap@acme.example", policy=Wallet.Policy.OVERDRAFT,
-                    credit_limit=Decimal("100000"))
-        grant_create(
-            wallet=self.wallets["acme"], kind=CreditGrant.Kind.CONTRACT, source=CreditGrant.Source.CONTRACT,
-            amount=Decimal("250000"), price_paid=Decimal("1750.00"), expires_at=self.day(365),
-            reason="Annual contract: 250,000 credits, pooled for all teams", requested_by=self.staff["sales"],
-            require_approval=False, idempotency_key="demo-acme-contract",
+        """Acme goes live on an annual contract whose term began a quarter ago
+        (signed before it moved onto Creditdesk): 250,000 credits a year paid
+        upfront at the 250K tier less 5 %, pooled for all teams, overdraft up to
+        100,000 credits, quarterly true-ups at 0.009 per credit. Its first
+        true-up date passed a day or two ago: finance runs it from the contract
+        page ("Run true-up now"), or the beat job settles it."""
+        self.signup("acme", "Acme Corp", "ap@acme.example")
+        quarter_ago = add_months(self.today.date(), -3) - timedelta(days=1)
+        contract = contract_create(
+            customer=self.customers["acme"], wallet=self.wallets["acme"], reference="ACME-ANNUAL",
+            starts_at=datetime.combine(quarter_ago, time.min, tzinfo=UTC), term_months=12,
+            committed_credits=Decimal("250000"), list_price=Decimal("0.008"),
+            tiers=[(Decimal("100000"), Decimal("0.0078")), (Decimal("250000"), Decimal("0.0074"))],
+            discount_percent=Decimal("5"), payment_schedule=Contract.PaymentSchedule.UPFRONT,
+            true_up_cadence=Contract.Cadence.QUARTERLY, true_up_price=Decimal("0.009"),
+            rollover_percent=Decimal("20"), credit_limit=Decimal("100000"), actor=self.staff["sales"],
         )
+        contract_activate(contract_id=contract.pk, actor=self.staff["finance"])
         feature_cost_create(
             feature=self.features["gpt-tokens"], customer=self.customers["acme"], credits_per_unit=Decimal("1.2"),
             note="Negotiated in the annual contract", actor=self.staff["finance"],
