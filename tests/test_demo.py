@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 from io import StringIO
 
 import pytest
@@ -186,3 +187,24 @@ def test_alerts_demo_sets_up_once(demo):
     assert finance.email and finance.groups.filter(name="Finance").exists()
     # Billing now watches Pixel Forge's thresholds (marks set by the first evaluation).
     assert auto.wallet.alert_below is not None
+
+
+def test_orbit_is_on_a_hybrid_plan_with_a_closed_period_and_its_invoice(demo, client):
+    from billing.models import Invoice, InvoiceLine, Subscription
+
+    subscription = Subscription.objects.get(customer__external_id="orbit")
+    assert subscription.plan.code == "scale-monthly" and subscription.status in ("active", "past_due")
+    first = subscription.periods.get(index=0)
+    assert first.closed_at is not None and first.invoice.status == Invoice.Status.PAID
+    assert first.invoice.lines.filter(kind=InvoiceLine.Kind.PLAN_FEE, amount=Decimal("199.00")).exists()
+    change = subscription.changes.get()
+    assert change.from_plan.code == "team-monthly" and change.credits_delta > 0 and change.remaining_charge > 0
+    assert_ledger_consistent(subscription.wallet)
+
+    client.force_login(get_user_model().objects.get(username="finance"))
+    page = client.get(f"/admin/billing/subscription/{subscription.pk}/change/").content.decode()
+    assert first.invoice.number in page and "Change plan" in page
+    html = client.get(f"/admin/billing/invoice/{first.invoice.pk}/html/")
+    assert html.status_code == 200 and first.invoice.number in html.content.decode()
+    pdf = client.get(f"/admin/billing/invoice/{first.invoice.pk}/pdf/")
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")

@@ -13,6 +13,10 @@ The story (see README.md, "What you see"):
   refused), then bought three Starter packs at the volume discount.
 - **Nova Labs** (``novalabs``), a trial signup on the promotional Trial pack,
   which expires in three days.
+- **Orbit Analytics** (``orbit``, New York time), on the hybrid Team plan since
+  day one: 30,000 included credits a month, overage billed; its first period is
+  closed and its invoice paid; it moved up to Scale mid-period, so the running
+  period's invoice will carry the proration.
 - **Acme Corp** (``acme``), an enterprise on an annual contract (upfront,
   quarterly true-ups; its first true-up date has passed, ready to run) with one
   pooled ``overdraft`` wallet
@@ -50,8 +54,11 @@ from billing.models import (
     CreditPack,
     Customer,
     Feature,
+    Invoice,
     OutboxEvent,
     PackDiscountTier,
+    Plan,
+    Subscription,
     Wallet,
 )
 from billing.services.api_keys import hash_key
@@ -64,8 +71,9 @@ from billing.services.grants import (
     default_wallet,
     grant_create,
 )
+from billing.services.invoices import payment_record
 from billing.services.packs import pack_purchase
-from billing.services.plans import add_months
+from billing.services.plans import add_months, subscription_change_plan, subscription_start
 from billing.services.reservations import reservation_capture, reservation_create
 from billing.services.usage import ChargeRequest, usage_charge_many
 
@@ -122,6 +130,10 @@ MIXES = {
     "novalabs": (
         UsageMix("gpt-tokens", (0, 2), (1, 5)),
         UsageMix("api-call", (1, 4), (1, 4)),
+    ),
+    "orbit": (
+        UsageMix("gpt-tokens", (4, 6), (60, 140)),
+        UsageMix("api-call", (3, 6), (10, 40)),
     ),
     "acme": (
         UsageMix("gpt-tokens", (10, 16), (50, 250), team="research"),
@@ -226,9 +238,12 @@ class Story:
                 (self.day(0, 6), self.acme_signs_contract),
                 (self.day(0, 7), self.pixelforge_signs_up),
             ],
+            1: [(self.day(1, 7, 15), self.orbit_subscribes)],
             10: [(self.day(10, 9), self.pixelforge_webinar_promo)],
             20: [(self.day(20, 11), self.pixelforge_goodwill)],
             30: [(self.day(30, 15), self.pixelforge_abandoned_hold)],
+            37: [(self.day(37, 14), self.orbit_pays_first_invoice)],
+            46: [(self.day(46, 16), self.orbit_upgrades)],
             HISTORY_DAYS - 27: [(self.day(HISTORY_DAYS - 27, 7, 30), self.novalabs_starts_trial)],
             HISTORY_DAYS - 25: [(self.day(HISTORY_DAYS - 25, 9), self.rebalance_gpt_tokens)],
             HISTORY_DAYS - 10: [
@@ -290,6 +305,31 @@ class Story:
     def pixelforge_abandoned_hold(self) -> None:
         reservation_create(customer=self.customers["pixelforge"], wallet_id=self.wallets["pixelforge"].pk,
                            amount=Decimal("800"), ttl_seconds=3600, idempotency_key="demo-pixelforge-render")
+
+    def orbit_subscribes(self) -> None:
+        """Orbit signs up on the hybrid Team plan (its periods run in New York time)."""
+        self.signup("orbit", "Orbit Analytics", "billing@orbit.example", timezone_name="America/New_York")
+        team = self.plan("team-monthly", "Team", "199.00", "30000", "0.0100", "15000", rollover_percent="10")
+        self.plan("scale-monthly", "Scale", "499.00", "80000", "0.0080", "40000")
+        subscription_start(customer=self.customers["orbit"], plan=team, actor=self.staff["finance"])
+
+    def plan(self, code: str, name: str, fee: str, included: str, overage_price: str, cap: str, **extra) -> Plan:
+        plan, _ = Plan.objects.get_or_create(code=code, defaults={
+            "name": name, "base_fee": Decimal(fee), "included_credits": Decimal(included),
+            "overage_policy": Plan.OveragePolicy.OVERDRAFT, "overage_price": Decimal(overage_price),
+            "overage_cap": Decimal(cap), **{key: Decimal(value) for key, value in extra.items()}})
+        return plan
+
+    def orbit_pays_first_invoice(self) -> None:
+        invoice = Invoice.objects.filter(customer=self.customers["orbit"], status=Invoice.Status.ISSUED).first()
+        if invoice is not None:
+            payment_record(invoice_id=invoice.pk, amount=invoice.amount_due, reference="Wire ORB-0001",
+                           actor=self.staff["finance"])
+
+    def orbit_upgrades(self) -> None:
+        subscription = Subscription.objects.get(customer=self.customers["orbit"])
+        subscription_change_plan(subscription_id=subscription.pk, plan=Plan.objects.get(code="scale-monthly"),
+                                 actor=self.staff["finance"])
 
     def pixelforge_buys_top_up(self) -> None:
         self.at(self.clock.at + timedelta(minutes=40))
@@ -364,6 +404,8 @@ class Story:
         self.at(self.day(number, 23, 55))
         tasks.grants_expire_due()
         tasks.reservations_expire_due()
+        tasks.subscriptions_close_due()
+        tasks.subscriptions_refresh_status()
 
     def replay(self) -> None:
         with self.clock.running():
