@@ -200,7 +200,6 @@ def contract_validate(contract: Contract) -> None:
 
     try:
         contract.full_clean(exclude=["customer", "wallet", "created_by"])
-        contract.clean()
     except ValidationError as error:
         details = {field: "; ".join(messages) for field, messages in error.message_dict.items()}
         raise InvalidRequest("The contract's terms are not valid: " + "; ".join(
@@ -313,11 +312,13 @@ def _release(contract: Contract, instalment: ContractInstalment, *, now: datetim
     label = f"{contract}: instalment {instalment.index + 1}, {credits.normalize():f} credits"
     invoice = _bill(contract, kind=InvoiceLine.Kind.CONTRACT, description=label, credits=credits,
                     unit_price=price, actor=actor, actor_label=actor_label)
+    # Issued (the year's number counter) before the grant locks the wallet: the
+    # order invoice_issue itself uses when a paid invoice activates grants.
+    invoice = invoice_issue(invoice_id=invoice.pk, now=now, actor=actor, actor_label=actor_label)
     grant = _contract_grant(
         contract, credits=credits, unit_price=price, key=f"contract:{contract.pk}:instalment:{instalment.index}",
         reason=label, effective_at=min(instalment.due_at, now),
         expires_at=max(instalment.expires_at, now + LATE_RELEASE_GRACE), actor=actor, actor_label=actor_label)
-    invoice = invoice_issue(invoice_id=invoice.pk, now=now, actor=actor, actor_label=actor_label)
     instalment.unit_price, instalment.amount = price, invoice.subtotal
     instalment.invoice, instalment.grant, instalment.released_at = invoice, grant, now
     instalment.save(update_fields=["unit_price", "amount", "invoice", "grant", "released_at"])
@@ -390,9 +391,11 @@ def _end(contract: Contract, *, now: datetime, actor, actor_label: str) -> None:
     """The last true-up is settled: the contract ends and its wallet stops borrowing."""
     contract.status, contract.ended_at = Contract.Status.ENDED, now
     contract.save(update_fields=["status", "ended_at"])
-    Wallet.objects.filter(pk=contract.wallet_id).update(credit_limit=ZERO)
+    wallet = lock_wallet(contract.wallet_id)
+    before, wallet.credit_limit = wallet.credit_limit, ZERO
+    wallet.save(update_fields=["credit_limit"])
     audit_record(actor=actor, actor_label=actor_label, action="contract.end", obj=contract,
-                 changes={"credit_limit": "0"})
+                 changes={"credit_limit": f"{before} → 0"})
     events.publish("contract.ended", {"contract": contract.pk, "customer": contract.customer_id})
 
 
