@@ -15,18 +15,24 @@ set, is checked last with the same throttle class, so a request is counted once.
 
 from __future__ import annotations
 
+import io
+import logging
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from django.conf import settings
+from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse
 from rest_framework.renderers import JSONRenderer
 
 from billing.api.auth import ApiKeyRateThrottle
-from billing.api.errors import envelope
+from billing.api.errors import envelope, json_error
 from billing.api.inputs import decode_json
 from billing.errors import BillingError
 from billing.services.api_keys import VerifiedKey, api_key_verify
 
+logger = logging.getLogger("billing.api")
 _renderer = JSONRenderer()
 _JSON_ACCEPTS = frozenset(("", "*/*", "application/json"))
 # A parsed body that the DRF view must see instead (it then answers its 400 itself).
@@ -89,28 +95,140 @@ def throttled(request: HttpRequest, key: VerifiedKey) -> bool:
     return not ApiKeyRateThrottle().allow_request(_ThrottleRequest(request, key), None)
 
 
+@dataclass(frozen=True)
+class HotRoute:
+    """One hot route: the method it serves itself, the scopes, ``handle(body or None,
+    **kwargs) -> (status, body)`` and the ``Allow`` header of its DRF view."""
+
+    method: str
+    scopes: tuple[str, ...]
+    handle: Callable[..., tuple[int, dict]]
+    with_body: bool
+    allow: str
+
+    def answer(self, request: HttpRequest, kwargs: dict) -> HttpResponse | None:
+        """The answer to an ordinary request, or None when the DRF view must answer."""
+        if request.method != self.method or not plain_request(request):
+            return None
+        key = verified_key(request, self.scopes)
+        if key is None:
+            return None
+        body = json_body(request) if self.with_body else None
+        if body is FALLBACK or throttled(request, key):
+            return None
+        try:
+            status, answer = self.handle(body, **kwargs) if self.with_body else self.handle(**kwargs)
+        except BillingError as exc:
+            status, answer = exc.http_status, envelope(exc.code, exc.message, exc.details)
+        return render(answer, status, self.allow)
+
+
 def hot_route(drf_view: Callable, allow: str, method: str, scopes: tuple[str, ...],
               handle: Callable[..., tuple[int, dict]], *, with_body: bool) -> Callable:
     """A URL callback: ``handle(body or None, **kwargs) -> (status, body)`` for the
     ordinary request, ``drf_view`` for every other. It carries the DRF view's
-    attributes (``cls``, ``initkwargs``, ``csrf_exempt``), so the schema is unchanged."""
+    attributes (``cls``, ``initkwargs``, ``csrf_exempt``), so the schema is unchanged,
+    and its ``HotRoute`` (``hot``) for ``HotRoutesApplication``."""
+    route = HotRoute(method, scopes, handle, with_body, allow)
 
     def view(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        if request.method != method or not plain_request(request):
-            return drf_view(request, *args, **kwargs)
-        key = verified_key(request, scopes)
-        if key is None:
-            return drf_view(request, *args, **kwargs)
-        body = json_body(request) if with_body else None
-        if body is FALLBACK or throttled(request, key):
-            return drf_view(request, *args, **kwargs)
-        try:
-            status, answer = handle(body, **kwargs) if with_body else handle(**kwargs)
-        except BillingError as exc:
-            status, answer = exc.http_status, envelope(exc.code, exc.message, exc.details)
-        return render(answer, status, allow)
+        response = route.answer(request, kwargs)
+        return response if response is not None else drf_view(request, *args, **kwargs)
 
     view.__dict__.update(drf_view.__dict__)
     view.__name__ = getattr(drf_view, "__name__", "view")
     view.__doc__ = drf_view.__doc__
+    view.hot = route
     return view
+
+
+# The paths the hot routes match (as config/urls.py and billing/api/urls.py route them).
+_HOT_PATHS = (
+    (re.compile(r"/api/v1/usage\Z"), "/api/v1/usage"),
+    (re.compile(r"/api/v1/usage/batch\Z"), "/api/v1/usage/batch"),
+    (re.compile(r"/api/v1/customers/(?P<external_id>.+)/balance\Z"), "/api/v1/customers/x/balance"),
+)
+
+
+def _host_allowed(request: HttpRequest) -> bool:
+    try:
+        request.get_host()
+    except DisallowedHost:
+        return False
+    return True
+
+
+class HotRoutesApplication:
+    """WSGI: the hot routes' ordinary requests go straight to their ``HotRoute``, past
+    Django's URL resolving, middleware chain and request signals; every other
+    request — and every hot one the route hands back — goes to Django unchanged.
+
+    The answer is what the Django path gives, headers included: the response
+    middleware that adds headers to an API answer (security, clickjacking,
+    Content-Length) is applied to it, and the database connection gets the
+    check Django's request signals would give it (closed if unusable or past
+    CONN_MAX_AGE). tests/billing/api/test_wsgi_hot_routes.py compares the two."""
+
+    def __init__(self, application: Callable):
+        self.application = application
+        self._routes: list[tuple[re.Pattern, HotRoute]] | None = None
+        self._response_middleware: list | None = None
+
+    def _setup(self) -> None:
+        from django.middleware.clickjacking import XFrameOptionsMiddleware
+        from django.middleware.common import CommonMiddleware
+        from django.middleware.security import SecurityMiddleware
+        from django.urls import resolve
+
+        routes = []
+        for pattern, sample in _HOT_PATHS:
+            route = getattr(resolve(sample).func, "hot", None)
+            if route is not None:  # a route no longer hot is simply left to Django
+                routes.append((pattern, route))
+        wanted = {"django.middleware.clickjacking.XFrameOptionsMiddleware": XFrameOptionsMiddleware,
+                  "django.middleware.common.CommonMiddleware": CommonMiddleware,
+                  "django.middleware.security.SecurityMiddleware": SecurityMiddleware}
+        # In the order Django runs response middleware: the MIDDLEWARE list reversed.
+        self._response_middleware = [wanted[name](lambda request: None) for name in reversed(settings.MIDDLEWARE)
+                                     if name in wanted]
+        # Request-side middleware work this path does not do (it checks the host itself): none of it configured.
+        redirects = settings.SECURE_SSL_REDIRECT or settings.PREPEND_WWW or settings.DISALLOWED_USER_AGENTS
+        self._routes = [] if redirects else routes
+
+    def __call__(self, environ: dict, start_response: Callable):
+        path = environ.get("PATH_INFO", "")
+        if not path.startswith("/api/v1/") or environ.get("QUERY_STRING") or environ.get("SCRIPT_NAME"):
+            return self.application(environ, start_response)
+        if self._routes is None:
+            self._setup()
+        for pattern, hot in self._routes:
+            match = pattern.match(path)
+            if match is not None:
+                return self._serve(hot, match, environ, start_response)
+        return self.application(environ, start_response)
+
+    def _serve(self, route: HotRoute, match: re.Match, environ: dict, start_response: Callable):
+        from django.core.handlers.wsgi import WSGIRequest
+        from django.db import connection
+
+        request = WSGIRequest(environ)
+        # Matched on Django's own decoding of the path, as the URL resolver would.
+        match = match.re.match(request.path_info)
+        if match is None or not _host_allowed(request):
+            return self.application(environ, start_response)
+        try:
+            response = route.answer(request, match.groupdict())
+        except Exception:
+            logger.exception("Unhandled error on %s %s", request.method, request.path)
+            response = json_error(500, "An unexpected error occurred; it has been logged.")
+        finally:
+            if not connection.in_atomic_block:  # (a test's transaction)
+                connection.close_if_unusable_or_obsolete()
+        if response is None:
+            if route.with_body and hasattr(request, "_body"):
+                environ["wsgi.input"] = io.BytesIO(request._body)  # the body was read here: Django reads it again
+            return self.application(environ, start_response)
+        for middleware in self._response_middleware:
+            response = middleware.process_response(request, response)
+        start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
+        return [response.content]
