@@ -4,4 +4,4 @@ Registration happens on import of the modules below; see ``base`` for the
 shared pieces (capped paginator, audit mixin, operations).
 """
 
-from billing.admin import catalog, contracts, customers, grants, invoicing, ledger, system  # noqa: F401
+from billing.admin import catalog, contracts, customers, grants, invoicing, ledger, revenue, system  # noqa: F401

@@ -23,6 +23,7 @@ from billing.admin.base import (
     render_form_page,
     run_service,
 )
+from billing.admin.revenue_panels import revenue_schedule_context
 from billing.forms import (
     AdjustmentRequestForm,
     ExtendExpiryForm,
@@ -170,6 +171,14 @@ class CreditGrantAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMixi
     def ledger_link(self, obj):
         url = reverse("admin:billing_ledgerentry_changelist") + f"?grant__id__exact={obj.pk}"
         return format_html('<a href="{}">Entries of this grant</a>', url)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        """A paid grant's page shows its revenue schedule to those who may read revenue."""
+        extra_context = dict(extra_context or {})
+        grant = self.get_object(request, object_id)
+        if grant is not None:
+            extra_context.update(revenue_schedule_context(request, grant))
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def add_view(self, request, form_url="", extra_context=None):
         """Grant credits: the form calls ``grant_create`` (big unpaid grants wait for approval)."""

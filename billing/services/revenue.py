@@ -122,6 +122,7 @@ def grant_figures(*, paid: Decimal, original: Decimal, currency: str, position: 
     """The figures of one grant from its ledger position (see the module docstring)."""
     if not position.activated:
         return GrantFigures()
+    paid, refunded_money = round_money(paid, currency), round_money(refunded_money, currency)
     recognized = round_money(paid * position.consumed / original, currency)
     breakage = ZERO
     if position.remaining == 0:
@@ -286,7 +287,7 @@ def grant_schedule(grant: CreditGrant, *, now: datetime | None = None) -> GrantS
         return GrantSchedule(grant=grant, paid=ZERO, is_paid_grant=False)
     first = LedgerEntry.objects.filter(grant=grant).order_by("created_at").values_list("created_at", flat=True).first()
     if first is None or first >= now:
-        return GrantSchedule(grant=grant, paid=rows[0].paid)
+        return GrantSchedule(grant=grant, paid=round_money(rows[0].paid, grant.currency))
     year, month = month_of(first)
     last = month_of(now)
     starts = [month_start(year, month)]
@@ -305,7 +306,7 @@ def grant_schedule(grant: CreditGrant, *, now: datetime | None = None) -> GrantS
         )
         for i in range(len(starts))
     ]
-    return GrantSchedule(grant=grant, paid=rows[0].paid, months=months, now=per_bound[-1])
+    return GrantSchedule(grant=grant, paid=per_bound[-1].paid, months=months, now=per_bound[-1])
 
 
 # --- Monthly revenue report ---------------------------------------------------
@@ -429,6 +430,7 @@ def revenue_report(*, year: int, month: int, currency: str = "USD") -> RevenueRe
         ledger_tie["remaining"] += p2.remaining
     _invoice_revenue(report)
     _promotion_cost(report)
+    _to_minor_units(report)
     month_notes = CreditNote.objects.filter(currency=currency, issued_at__gte=start, issued_at__lt=end)
     notes = month_notes.aggregate(amount=Sum("amount"), credits=Sum("credits"))
     report.credit_notes = month_notes.count()
@@ -467,6 +469,17 @@ def revenue_report(*, year: int, month: int, currency: str = "USD") -> RevenueRe
               sum(report.invoiced.values(), ZERO)),
     ]
     return report
+
+
+MONEY_FIELDS = ("opening_deferred", "new_deferred", "usage", "breakage", "refunds", "closing_deferred", "plan_fees",
+                "overage", "true_up", "promotion_cost")
+
+
+def _to_minor_units(report: RevenueReport) -> None:
+    """Stored money carries 4 places; every figure here is whole minor units: show it so."""
+    for name in MONEY_FIELDS:
+        setattr(report, name, round_money(getattr(report, name), report.currency))
+    report.invoiced = {label: round_money(amount, report.currency) for label, amount in report.invoiced.items()}
 
 
 def credit_notes_expected(notes) -> Decimal:

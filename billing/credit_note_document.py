@@ -1,0 +1,102 @@
+"""A credit note as a document: the same figures for the HTML view and the PDF.
+Reads only; the amounts are the ones the refund service stored."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.template.loader import render_to_string
+from django.utils import timezone
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.units import mm
+from reportlab.lib.utils import simpleSplit
+from reportlab.pdfgen import canvas
+
+from billing.invoice_document import money, quantity_text
+from billing.models import CreditNote
+
+
+@dataclass(frozen=True)
+class CreditNoteDocument:
+    title: str
+    number: str
+    seller: str
+    customer_name: str
+    customer_id: str
+    issued: str
+    original_invoice: str
+    grant: str
+    currency: str
+    description: str
+    credits: str
+    unit_price: str
+    amount: str
+    reason: str
+
+
+def credit_note_document(note: CreditNote) -> CreditNoteDocument:
+    cur = note.currency
+    return CreditNoteDocument(
+        title=f"Credit note {note.number}", number=note.number, seller=settings.CREDITDESK_INVOICE_SELLER,
+        customer_name=note.customer.name, customer_id=note.customer.external_id,
+        issued=timezone.localtime(note.issued_at).strftime("%Y-%m-%d"),
+        original_invoice=note.invoice.number if note.invoice_id and note.invoice.number else "-",
+        grant=f"#{note.grant_id}", currency=cur, description=note.description,
+        credits=quantity_text(note.credits), unit_price=f"{note.unit_price.normalize():f} {cur}",
+        amount=money(note.amount, cur), reason=note.reason,
+    )
+
+
+def render_html(note: CreditNote) -> str:
+    return render_to_string("billing/credit_notes/credit_note.html", {"doc": credit_note_document(note)})
+
+
+def render_pdf(note: CreditNote, *, compress: bool = True) -> bytes:
+    """A4 PDF of the credit note: header, the one refunded line, the amount credited."""
+    doc = credit_note_document(note)
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, pagesize=A4, pageCompression=1 if compress else 0)
+    pdf.setTitle(doc.title)
+    pdf.setAuthor(doc.seller)
+    width, height = A4
+    left, right = 20 * mm, width - 20 * mm
+    pdf.setFont("Helvetica-Bold", 16)
+    pdf.drawString(left, height - 25 * mm, doc.title)
+    pdf.setFont("Helvetica", 9)
+    pdf.drawRightString(right, height - 25 * mm, doc.seller)
+    y = height - 35 * mm
+    for label, value in (("Customer", f"{doc.customer_name} ({doc.customer_id})"), ("Issued", doc.issued),
+                         ("Original invoice", doc.original_invoice), ("Credits of grant", doc.grant),
+                         ("Currency", doc.currency)):
+        pdf.drawString(left, y, f"{label}:")
+        pdf.drawString(left + 35 * mm, y, value)
+        y -= 5 * mm
+    y -= 4 * mm
+    pdf.setFont("Helvetica-Bold", 9)
+    pdf.drawString(left, y, "Description")
+    pdf.drawRightString(left + 110 * mm, y, "Credits")
+    pdf.drawRightString(left + 145 * mm, y, "Unit price")
+    pdf.drawRightString(right, y, "Amount")
+    pdf.line(left, y - 2 * mm, right, y - 2 * mm)
+    pdf.setFont("Helvetica", 9)
+    y -= 7 * mm
+    pdf.drawRightString(left + 110 * mm, y, doc.credits)
+    pdf.drawRightString(left + 145 * mm, y, doc.unit_price)
+    pdf.drawRightString(right, y, doc.amount)
+    for part in simpleSplit(doc.description, "Helvetica", 9, 85 * mm) or [""]:
+        pdf.drawString(left, y, part)
+        y -= 5 * mm
+    y -= 3 * mm
+    pdf.setFont("Helvetica-Bold", 9)
+    pdf.drawString(left + 110 * mm, y, "Credited to you")
+    pdf.drawRightString(right, y, doc.amount)
+    if doc.reason:
+        pdf.setFont("Helvetica", 9)
+        for part in simpleSplit(f"Reason: {doc.reason}", "Helvetica", 9, right - left):
+            y -= 6 * mm
+            pdf.drawString(left, y, part)
+    pdf.showPage()
+    pdf.save()
+    return buffer.getvalue()
