@@ -53,17 +53,20 @@ class TrueUpSerializer(serializers.Serializer):
     settled_at = AwareDateTimeField(allow_null=True)
 
 
-class ContractSerializer(serializers.Serializer):
+class ContractSummarySerializer(serializers.Serializer):
     id = serializers.IntegerField()
     reference = serializers.CharField()
     customer = serializers.CharField(source="customer.external_id")
     status = serializers.CharField()
     starts_at = AwareDateTimeField()
     ends_at = AwareDateTimeField()
-    commitment = serializers.CharField(help_text="credits or spend (per contract year)")
     committed_credits = credits_field(help_text="Per contract year.")
-    committed_spend = money_field()
     currency = serializers.CharField()
+
+
+class ContractSerializer(ContractSummarySerializer):
+    commitment = serializers.CharField(help_text="credits or spend (per contract year)")
+    committed_spend = money_field()
     list_price = rate_field()
     discount_percent = percent_field()
     payment_schedule = serializers.CharField()
@@ -72,17 +75,6 @@ class ContractSerializer(serializers.Serializer):
     rollover_percent = percent_field()
     instalments = ContractInstalmentSerializer(many=True)
     true_ups = TrueUpSerializer(many=True)
-
-
-class ContractSummarySerializer(serializers.Serializer):
-    id = serializers.IntegerField()
-    reference = serializers.CharField()
-    customer = serializers.CharField(source="customer.external_id")
-    status = serializers.CharField()
-    starts_at = AwareDateTimeField()
-    ends_at = AwareDateTimeField()
-    committed_credits = credits_field()
-    currency = serializers.CharField()
 
 
 class ContractPageSerializer(serializers.Serializer):

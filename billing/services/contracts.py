@@ -423,6 +423,23 @@ def _run_due(contract: Contract, *, now: datetime, actor, actor_label: str) -> i
     return steps
 
 
+def _lock_step(model, step_id: int):
+    """Lock a contract, then one of its instalments or true-ups (that order,
+    like every contract service). A step already done is returned whatever the
+    contract's status; NotFound for an unknown step, Conflict for a step not
+    done on a contract that is not active."""
+    name = model._meta.verbose_name
+    contract_id = model.objects.filter(pk=step_id).values_list("contract_id", flat=True).first()
+    if contract_id is None:
+        raise NotFound(f"No {name} #{step_id}.")
+    contract = lock_contract(contract_id)
+    step = model.objects.select_for_update().get(pk=step_id)
+    done = step.released_at if model is ContractInstalment else step.settled_at
+    if done is None and contract.status != Contract.Status.ACTIVE:
+        raise Conflict(f"{contract} is {contract.status}; its {name}s are not run.")
+    return contract, step
+
+
 def contract_instalment_release(*, instalment_id: int, now: datetime | None = None, actor=None,
                                 actor_label: str = "") -> ContractInstalment:
     """Release one instalment whose due date has passed: an issued invoice with
@@ -431,16 +448,10 @@ def contract_instalment_release(*, instalment_id: int, now: datetime | None = No
     killed run rolls back whole). Conflict before its due date, on an inactive
     contract, or while an earlier true-up is unsettled."""
     now = now or timezone.now()
-    contract_id = ContractInstalment.objects.filter(pk=instalment_id).values_list("contract_id", flat=True).first()
-    if contract_id is None:
-        raise NotFound(f"No contract instalment #{instalment_id}.")
     with transaction.atomic():
-        contract = lock_contract(contract_id)
-        instalment = ContractInstalment.objects.select_for_update().get(pk=instalment_id)
+        contract, instalment = _lock_step(ContractInstalment, instalment_id)
         if instalment.released_at is not None:
             return instalment
-        if contract.status != Contract.Status.ACTIVE:
-            raise Conflict(f"{contract} is {contract.status}; its instalments are not released.")
         if instalment.due_at > now:
             raise Conflict(f"{instalment} is not due yet.", details={"due_at": instalment.due_at.isoformat()})
         if contract.true_ups.filter(settled_at__isnull=True, period_end__lte=instalment.due_at).exists():
@@ -460,16 +471,10 @@ def contract_true_up_settle(*, true_up_id: int, now: datetime | None = None, act
     date: a settled true-up is returned as is; a killed run rolls back whole.
     Conflict before the date or on an inactive contract."""
     now = now or timezone.now()
-    contract_id = TrueUp.objects.filter(pk=true_up_id).values_list("contract_id", flat=True).first()
-    if contract_id is None:
-        raise NotFound(f"No true-up #{true_up_id}.")
     with transaction.atomic():
-        contract = lock_contract(contract_id)
-        true_up = TrueUp.objects.select_for_update().get(pk=true_up_id)
+        contract, true_up = _lock_step(TrueUp, true_up_id)
         if true_up.settled_at is not None:
             return true_up
-        if contract.status != Contract.Status.ACTIVE:
-            raise Conflict(f"{contract} is {contract.status}; its true-ups are not settled.")
         if true_up.period_end > now:
             raise Conflict(f"{true_up} is not due until {true_up.period_end:%Y-%m-%d %H:%M}.",
                            details={"period_end": true_up.period_end.isoformat()})

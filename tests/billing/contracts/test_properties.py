@@ -4,13 +4,11 @@ whole) and under concurrent job runs (each instalment and true-up once)."""
 
 from __future__ import annotations
 
-import threading
 from decimal import Decimal
 from itertools import count
 
 import pytest
 import time_machine
-from django.db import connections
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +17,7 @@ from billing.numbers import round_money, round_rate
 from billing.services.contracts import contract_activate, contract_run_due, contracts_run_due
 from billing.services.grants import default_wallet
 from tests.billing.contracts.conftest import START, at, charge, tiered_contract
+from tests.billing.test_concurrency import run_threads
 from tests.conftest import assert_ledger_consistent
 from tests.factories import make_customer, make_feature
 
@@ -71,29 +70,6 @@ def test_a_year_bills_exactly_the_instalments_and_the_overage(feature, committed
     assert_ledger_consistent(wallet)
 
 
-def _run_threads(count_: int, target) -> None:
-    barrier = threading.Barrier(count_)
-    errors: list = []
-
-    def body(index):
-        try:
-            barrier.wait(timeout=30)
-            target(index)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(count_)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not any(thread.is_alive() for thread in threads), "a thread is stuck (deadlock?)"
-    if errors:
-        raise errors[0]
-
-
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_job_runs_release_and_settle_each_step_once():
     feature = make_feature("api-call", "1", effective_from=at(2025, 1, 1))
@@ -104,7 +80,7 @@ def test_concurrent_job_runs_release_and_settle_each_step_once():
         contract_activate(contract_id=contract.pk)
         charge(wallet, feature, "120000", "burst")
     with time_machine.travel(at(2026, 7, 2), tick=False):
-        _run_threads(6, lambda i: contracts_run_due() if i % 2 else contract_run_due(contract_id=contract.pk))
+        run_threads(6, lambda i: contracts_run_due() if i % 2 else contract_run_due(contract_id=contract.pk))
     assert contract.instalments.filter(released_at__isnull=False).count() == 3
     settled = contract.true_ups.filter(settled_at__isnull=False).order_by("period_end")
     assert settled.count() == 2
