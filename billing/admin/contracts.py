@@ -27,12 +27,13 @@ from billing.admin.base import (
 )
 from billing.admin.ledger import CustomerFilter
 from billing.errors import Conflict
-from billing.forms import SubmissionTokenMixin, credits_field
+from billing.forms import ReasonForm, SubmissionTokenMixin, credits_field
 from billing.models import Contract, ContractAmendment, ContractInstalment, ContractPriceTier, TrueUp
 from billing.numbers import MAX_RATE
 from billing.services.contracts import (
     contract_activate,
     contract_add_credits,
+    contract_cancel,
     contract_change_price,
     contract_renew,
     contract_run_due,
@@ -76,6 +77,10 @@ def _key(request, data) -> str:
 
 def _activate(request, contract, data):
     contract_activate(contract_id=contract.pk, actor=request.user)
+
+
+def _cancel(request, contract, data):
+    contract_cancel(contract_id=contract.pk, reason=data["reason"], actor=request.user)
 
 
 def _run_due(request, contract, data):
@@ -196,6 +201,9 @@ class ContractAdmin(OperationsMixin, AuditedAdminMixin, AuditHistoryMixin, Billi
                   available=lambda c, user: c.status == Contract.Status.DRAFT,
                   help="Schedules the instalments and true-ups, puts the pooled wallet on overdraft and releases "
                        "the instalments already due (invoice + contract credits)."),
+        Operation("cancel", "Cancel draft", "change", _cancel, "Canceled {count} draft contract(s).",
+                  form_class=ReasonForm, available=lambda c, user: c.status == Contract.Status.DRAFT,
+                  help="A draft that will not be signed; nothing was granted or billed."),
         Operation("run_due", "Release due instalments", "change", _run_due,
                   "Ran the due instalments and true-ups of {count} contract(s).", available=_active,
                   help="Releases every instalment whose due date has passed and settles every due true-up, "
@@ -228,21 +236,21 @@ class ContractAdmin(OperationsMixin, AuditedAdminMixin, AuditHistoryMixin, Billi
         statement = contract_statement(contract=obj)
         money = f"{{}} {obj.currency}"
         rows = [
-            ("True-up period", f"{statement.period_start:%Y-%m-%d} – {statement.period_end:%Y-%m-%d}"),
-            ("Committed (period)", statement.committed),
-            ("Consumed to date", statement.consumed),
+            ("Term end", f"{statement.term_end:%Y-%m-%d}"),
+            ("Committed over the term", statement.term_committed),
+            ("Consumed over the term to date", statement.term_consumed),
+            ("Projected consumption at term end", statement.projected_term_consumption),
+            ("Next true-up period", f"{statement.period_start:%Y-%m-%d} – {statement.period_end:%Y-%m-%d}"),
+            ("Committed in the period (pro rata, plus credits added)", statement.committed),
+            ("Consumed in the period to date", statement.consumed),
             ("Burn rate per day", statement.burn_rate_per_day),
             ("Projected consumption at the true-up date", statement.projected_consumption),
             ("Usable credits now", statement.credits_available),
             ("Instalment credits still to release", statement.credits_to_release),
             ("Outstanding overage", statement.outstanding_overage),
-            ("Projected overage", statement.projected_overage),
+            ("Projected overage at the true-up date", statement.projected_overage),
             ("True-up price per credit", money.format(statement.true_up_price.normalize())),
             ("Projected true-up amount", money.format(statement.projected_true_up_amount)),
-            ("Term end", f"{statement.term_end:%Y-%m-%d}"),
-            ("Committed (term)", statement.term_committed),
-            ("Consumed (term)", statement.term_consumed),
-            ("Projected consumption at term end", statement.projected_term_consumption),
             ("Effective price per credit", money.format(statement.effective_price.normalize())),
         ]
         body = format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows)

@@ -274,6 +274,26 @@ def contract_activate(*, contract_id: int, now: datetime | None = None, actor=No
     return contract
 
 
+def contract_cancel(*, contract_id: int, reason: str, actor=None, actor_label: str = "") -> Contract:
+    """Cancel a draft that will not be signed (its wallet is free for another
+    contract). Nothing was granted or billed, so nothing is undone. Idempotent
+    for a canceled draft; Conflict for an active or ended contract, which runs
+    to its term end (a renewal or an amendment changes it)."""
+    if not reason.strip():
+        raise InvalidRequest("Say why the contract is canceled.", details={"reason": "required"})
+    with transaction.atomic():
+        contract = lock_contract(contract_id)
+        if contract.status == Contract.Status.CANCELED:
+            return contract
+        if contract.status != Contract.Status.DRAFT:
+            raise Conflict(f"{contract} is {contract.status}; only drafts are canceled.")
+        contract.status = Contract.Status.CANCELED
+        contract.save(update_fields=["status"])
+        audit_record(actor=actor, actor_label=actor_label, action="contract.cancel", obj=contract,
+                     changes={"reason": reason})
+    return contract
+
+
 def overdraft_factor() -> Decimal:
     return Decimal(str(getattr(settings, "CREDITDESK_CONTRACT_OVERDRAFT_FACTOR", "1")))
 

@@ -11,7 +11,7 @@ import time_machine
 from django.urls import reverse
 
 from billing import roles
-from billing.models import AuditEvent, Contract, ContractAmendment, InvoiceLine, JobRun, TrueUp
+from billing.models import AuditEvent, Contract, ContractAmendment, InvoiceLine, JobRun, TrueUp, Wallet
 from billing.services.contracts import contract_activate
 from billing.tasks import contracts_run_due
 from config.schedule import SCHEDULE
@@ -58,7 +58,7 @@ def test_contract_pages_follow_the_role(role, expected, active, staff_client):  
 
 def test_auditor_cannot_run_operations(active, staff_client):  # noqa: F811
     client = staff_client("auditor")
-    for operation in ("activate", "run_due", "true_up", "renew", "add_credits", "change_price"):
+    for operation in ("activate", "cancel", "run_due", "true_up", "renew", "add_credits", "change_price"):
         assert client.get(reverse(f"admin:billing_contract_{operation}", args=[active.pk])).status_code == 403
     assert client.post(reverse("admin:billing_contract_change", args=[active.pk]), {}).status_code == 403
 
@@ -164,3 +164,19 @@ def test_the_beat_job_runs_due_steps_once_and_records_its_run(active, wallet):
     april = active.instalments.get(index=1)
     assert april.grant.remaining == Decimal("50000")  # the true-up settled the overage, not April's credits
     assert_ledger_consistent(wallet)
+
+
+def test_finance_cancels_a_draft_but_not_an_active_contract(customer, active, staff_client):  # noqa: F811
+    client = staff_client("finance")
+    assert client.post(reverse("admin:billing_contract_cancel", args=[active.pk]), {"reason": "typo"}).status_code \
+        == 302
+    active.refresh_from_db()
+    assert active.status == "active"  # refused: active contracts run to their term end
+    draft = tiered_contract(customer, wallet=Wallet.objects.create(customer=customer, name="Pilot", is_default=False))
+    page = client.get(reverse("admin:billing_contract_change", args=[draft.pk])).content.decode()
+    assert "Cancel draft" in page and "Available once the contract is active." in page
+    assert client.post(reverse("admin:billing_contract_cancel", args=[draft.pk]), {"reason": "lost the deal"}) \
+        .status_code == 302
+    draft.refresh_from_db()
+    assert draft.status == "canceled"
+    assert AuditEvent.objects.filter(action="contract.cancel", object_id=str(draft.pk)).exists()
