@@ -286,8 +286,11 @@ class LedgerEntry(models.Model):
         OVERAGE = "overage", "Overage"
         OVERAGE_SETTLED = "overage_settled", "Overage settled"
 
-    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="entries")
-    grant = models.ForeignKey(CreditGrant, null=True, blank=True, on_delete=models.PROTECT, related_name="entries")
+    # Indexes every charge writes are kept to those a read needs: the wallet's and the
+    # grant's are the leading columns of the (wallet, sequence) and (grant, type) ones.
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="entries", db_index=False)
+    grant = models.ForeignKey(CreditGrant, null=True, blank=True, on_delete=models.PROTECT, related_name="entries",
+                              db_index=False)
     type = models.CharField(max_length=20, choices=Type.choices)
     amount = CreditField()
     sequence = models.BigIntegerField()
@@ -296,7 +299,7 @@ class LedgerEntry(models.Model):
         "UsageEvent", null=True, blank=True, on_delete=models.PROTECT, related_name="entries"
     )
     reservation = models.ForeignKey(
-        "Reservation", null=True, blank=True, on_delete=models.PROTECT, related_name="entries"
+        "Reservation", null=True, blank=True, on_delete=models.PROTECT, related_name="entries", db_index=False
     )
     reference = models.CharField(max_length=255, blank=True, help_text="What caused it: invoice, user, job …")
     idempotency_key = models.CharField(max_length=255, blank=True)
@@ -312,6 +315,7 @@ class LedgerEntry(models.Model):
         indexes = [
             models.Index(fields=["grant", "type"], name="ledger_grant_type_idx"),
             models.Index(fields=["created_at"], name="ledger_created_idx"),
+            models.Index(fields=["reservation"], condition=Q(reservation__isnull=False), name="ledger_reservation_idx"),
         ]
 
     def __str__(self) -> str:
@@ -393,9 +397,11 @@ class UsageEvent(models.Model):
         CHARGED = "charged", "Charged"
         REJECTED = "rejected", "Rejected (insufficient credits)"
 
-    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="usage_events")
-    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="usage_events")
-    feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage_events")
+    # Like the ledger's: customer, wallet and feature lead the unique and composite
+    # indexes below, and a hold's id is indexed only where there is one.
+    customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="usage_events", db_index=False)
+    wallet = models.ForeignKey(Wallet, on_delete=models.PROTECT, related_name="usage_events", db_index=False)
+    feature = models.ForeignKey(Feature, on_delete=models.PROTECT, related_name="usage_events", db_index=False)
     event_id = models.CharField(max_length=255)
     quantity = models.DecimalField(max_digits=20, decimal_places=6)
     occurred_at = models.DateTimeField()
@@ -407,7 +413,7 @@ class UsageEvent(models.Model):
     request_hash = models.CharField(max_length=64)
     response = models.JSONField(default=dict, help_text="The answer given, replayed for the same event id.")
     reservation = models.ForeignKey(
-        "Reservation", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+        "Reservation", null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False
     )
     created_at = models.DateTimeField(default=now)
 
@@ -419,6 +425,7 @@ class UsageEvent(models.Model):
         indexes = [
             models.Index(fields=["wallet", "-created_at"], name="usage_wallet_created_idx"),
             models.Index(fields=["feature", "occurred_at"], name="usage_feature_time_idx"),
+            models.Index(fields=["reservation"], condition=Q(reservation__isnull=False), name="usage_reservation_idx"),
         ]
 
     def __str__(self) -> str:
