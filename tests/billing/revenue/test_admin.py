@@ -14,6 +14,7 @@ from django.utils import timezone
 from billing import roles
 from billing.credit_note_document import render_pdf
 from billing.models import CreditNote, PackPurchase, RefundRequest
+from billing.services.packs import pack_purchase
 from billing.services.refunds import refund_approve, refund_request
 from billing.tasks import revenue_check
 from tests.billing.revenue.conftest import charge
@@ -159,3 +160,32 @@ def test_the_credit_note_pdf_carries_its_line(bought, make_staff):
     pdf = render_pdf(note, compress=False)
     for text in (note.number, "12.5", "1.25 USD", "Too many"):
         assert text.encode() in pdf
+
+
+def test_list_pages_cost_the_same_queries_for_more_rows(pack, login, make_staff):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from billing.services.grants import default_wallet
+    from tests.factories import make_customer
+
+    maker, checker = make_staff(roles.FINANCE, "maker"), make_staff(roles.FINANCE, "checker")
+    client, _ = login(roles.AUDITOR, "aud")
+
+    def refund_some(count):
+        for _ in range(count):
+            wallet = default_wallet(make_customer())
+            purchase = pack_purchase(wallet=wallet, pack=pack)
+            refund = refund_request(grant_id=purchase.grant_id, credits=Decimal("3"), reason="x", requested_by=maker)
+            refund_approve(refund_id=refund.pk, user=checker)
+
+    def queries(url):
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get(url).status_code == 200
+        return len(captured)
+
+    pages = [reverse("admin:billing_refundrequest_changelist"), reverse("admin:billing_creditnote_changelist")]
+    refund_some(2)
+    few = [queries(url) for url in pages]
+    refund_some(4)
+    assert [queries(url) for url in pages] == few
