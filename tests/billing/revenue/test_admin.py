@@ -189,3 +189,15 @@ def test_list_pages_cost_the_same_queries_for_more_rows(pack, login, make_staff)
     few = [queries(url) for url in pages]
     refund_some(4)
     assert [queries(url) for url in pages] == few
+
+
+def test_the_dashboard_counts_pending_refunds_and_links_the_report(bought, login, make_staff):
+    _, purchase = bought
+    refund_request(grant_id=purchase.grant_id, credits=Decimal("1"), reason="x",
+                   requested_by=make_staff(roles.SUPPORT, "sup"))
+    client, _ = login(roles.FINANCE, "fin")
+    page = client.get(reverse("admin:index")).content.decode()
+    assert '<td class="cd-pending-refunds">1</td>' in page and reverse("admin:billing_revenue_report") in page
+    client, _ = login(roles.SALES_REP, "rep")
+    page = client.get(reverse("admin:index")).content.decode()
+    assert "cd-pending-refunds" not in page and reverse("admin:billing_revenue_report") not in page
