@@ -25,8 +25,9 @@ Figures of one grant through a moment T (entries created before T)
     figures, so months never drift from the cumulative totals.
 
 Plan fees are recognized over their subscription period (pro rata by time,
-cumulative rounding as above); fee lines without a period, overage and
-true-up lines when their invoice is issued. Void and draft invoices count for
+cumulative rounding as above), net of the proration credits on the period's
+invoice; fee lines without a period, overage and true-up lines when their
+invoice is issued. Void and draft invoices count for
 nothing. Months run in ``settings.TIME_ZONE``. Promotional credits earn
 nothing; their consumption is reported as promotion cost at the list price
 (``promotion_list_price``).
@@ -379,7 +380,7 @@ class RevenueReport:
         rows = [
             ("Recognized revenue", "Usage of prepaid credits", self.consumed_credits, self.usage),
             ("Recognized revenue", "Breakage (expired or voided credits)", self.lapsed_credits, self.breakage),
-            ("Recognized revenue", "Plan fees", None, self.plan_fees),
+            ("Recognized revenue", "Plan fees (net of proration credits)", None, self.plan_fees),
             ("Recognized revenue", "Overage", None, self.overage),
             ("Recognized revenue", "True-up", None, self.true_up),
             ("Recognized revenue", "Total recognized", None, self.recognized_total),
@@ -502,10 +503,14 @@ def _invoice_revenue(report: RevenueReport) -> None:
     report.invoiced = {labels[kind]: by_kind.get(kind) or ZERO for kind in InvoiceLine.Kind.values}
     report.overage = by_kind.get(InvoiceLine.Kind.OVERAGE) or ZERO
     report.true_up = by_kind.get(InvoiceLine.Kind.TRUE_UP) or ZERO
-    fees = live.filter(kind=InvoiceLine.Kind.PLAN_FEE).filter(
-        Q(invoice__subscription_period__isnull=False, invoice__subscription_period__starts_at__lt=end,
+    # A period's invoice carries its fee lines and the proration credits of plan
+    # changes or cancellation (credit_note lines): the net is spread over the period.
+    fees = live.filter(
+        Q(kind__in=(InvoiceLine.Kind.PLAN_FEE, InvoiceLine.Kind.CREDIT_NOTE),
+          invoice__subscription_period__isnull=False, invoice__subscription_period__starts_at__lt=end,
           invoice__subscription_period__ends_at__gt=start)
-        | Q(invoice__subscription_period__isnull=True, invoice__issued_at__gte=start, invoice__issued_at__lt=end)
+        | Q(kind=InvoiceLine.Kind.PLAN_FEE, invoice__subscription_period__isnull=True, invoice__issued_at__gte=start,
+            invoice__issued_at__lt=end)
     ).values_list("amount", "invoice__subscription_period__starts_at", "invoice__subscription_period__ends_at")
     for amount, period_start, period_end in fees:
         if period_start is None:

@@ -123,3 +123,23 @@ def test_the_schedule_of_one_grant_by_month(march):
         short = grant_schedule(march["short"])
     assert [(m.month.month, m.recognized, m.breakage) for m in short.months][0] == (3, D("15.00"), D("30.00"))
     assert not grant_schedule(march["promo"]).is_paid_grant
+
+
+def test_a_plan_change_credit_nets_off_the_period_fee(db):
+    from billing.models import InvoiceLine
+    from billing.services.plans import subscription_change_plan
+
+    small = Plan.objects.create(code="small", name="Small", base_fee=D("30.00"))
+    big = Plan.objects.create(code="big", name="Big", base_fee=D("60.00"))
+    customer = make_customer("upgrader")
+    with at(6, 1, 0):
+        subscription = subscription_start(customer=customer, plan=small)
+    with at(6, 16, 0):
+        subscription_change_plan(subscription_id=subscription.pk, plan=big)
+    with at(7, 1, 1):
+        period = subscription_period_close(subscription_id=subscription.pk)
+    lines = {line.kind: line.amount for line in InvoiceLine.objects.filter(invoice=period.invoice)}
+    assert lines[InvoiceLine.Kind.CREDIT_NOTE] < 0
+    june = revenue_report(year=2030, month=6, currency="USD")
+    assert june.plan_fees == period.invoice.subtotal  # 30 + (60 − 30) × half the period: the whole June period
+    assert june.plan_fees == D("45.00") and june.reconciles
