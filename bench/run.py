@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.load import build_request, percentile, run_load  # noqa: E402
 
-BENCH_DB = "creditdesk_bench"
+# Dropped and recreated by every run; CREDITDESK_BENCH_DB names another one (e.g. two runs on one server).
+BENCH_DB = os.environ.get("CREDITDESK_BENCH_DB", "creditdesk_bench")
 SPREAD_WALLETS = 1000
 FEATURE_KEY = "bench-call"
 HOT_CUSTOMER = "bench-hot"

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 
 from django.db import DEFAULT_DB_ALIAS, connection
 from django.db.models import Sum
@@ -34,7 +35,7 @@ from billing.api.serializers import (
 )
 from billing.errors import InvalidRequest, NotFound
 from billing.models import CreditGrant, Customer, Feature, FeatureCost, Wallet
-from billing.numbers import MAX_QUANTITY, ZERO, round_credits
+from billing.numbers import MAX_QUANTITY, ZERO, parse_decimal, round_credits
 from billing.services.ledger import headroom, open_holds_total
 from billing.services.usage import (
     ChargeRequest,
@@ -57,13 +58,29 @@ class UsageInput:
     properties: dict
 
 
+@lru_cache(maxsize=4096)
+def _quantity_of(value: str) -> Decimal:
+    """A quantity sent as a string, parsed once per distinct string (a batch repeats them)."""
+    return parse_decimal(value, places=6, maximum=MAX_QUANTITY, allow_zero=True)
+
+
+def _quantity(data: dict) -> Decimal:
+    value = data.get("quantity")
+    if type(value) is str:
+        try:
+            return _quantity_of(value)
+        except ValueError:
+            pass  # the same refusal, worded by inputs.decimal below
+    return inputs.decimal(data, "quantity", places=6, maximum=MAX_QUANTITY, allow_zero=True)
+
+
 def parse_usage(data, *, with_event_id: bool) -> UsageInput:
     """Validate one usage body; raises InvalidRequest naming the first bad field."""
     data = inputs.body_object(data)
     return UsageInput(
         customer=inputs.text(data, "customer"),
         feature=inputs.text(data, "feature"),
-        quantity=inputs.decimal(data, "quantity", places=6, maximum=MAX_QUANTITY, allow_zero=True),
+        quantity=_quantity(data),
         event_id=inputs.text(data, "event_id") if with_event_id else None,
         occurred_at=inputs.optional_timestamp(data, "occurred_at"),
         properties=inputs.properties(data),

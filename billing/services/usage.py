@@ -35,6 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from json.encoder import encode_basestring_ascii as _json_string
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -89,19 +90,21 @@ class ChargeResult:
     error: dict | None = None
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def request_hash(request: ChargeRequest) -> str:
-    canonical = json.dumps(
-        {
-            "customer": request.customer.external_id,
-            "feature": request.feature.key,
-            "quantity": str(request.quantity.normalize()),
-            "occurred_at": request.occurred_at.isoformat() if request.occurred_at else None,
-            "properties": request.properties,
-            "reservation": request.reservation_id,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        default=str,
+    """SHA-256 of the payload's canonical JSON: ``json.dumps({customer, feature,
+    quantity, occurred_at, properties, reservation}, sort_keys=True, separators=(",",
+    ":"), default=str)``, written out key by key (a batch hashes 1,000 events; the
+    string is the same, tests/billing/test_hot_path.py checks it)."""
+    occurred_at, properties, reservation = request.occurred_at, request.properties, request.reservation_id
+    canonical = (
+        f'{{"customer":{_json_string(request.customer.external_id)},"feature":{_json_string(request.feature.key)},'
+        f'"occurred_at":{_json_string(occurred_at.isoformat()) if occurred_at else "null"},'
+        f'"properties":{_CANONICAL.encode(properties) if properties else "{}"},'
+        f'"quantity":{_json_string(str(request.quantity.normalize()))},'
+        f'"reservation":{"null" if reservation is None else _CANONICAL.encode(reservation)}}}'
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 

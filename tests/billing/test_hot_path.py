@@ -10,18 +10,30 @@ database state, then compares everything a client or an accountant could see.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import threading
-from datetime import timedelta
+from datetime import UTC, timedelta
 from decimal import Decimal
 
 import pytest
 from django.db import connection, transaction
 from django.utils import timezone
+from hypothesis import given
+from hypothesis import strategies as st
 
 from billing import events
-from billing.models import CreditGrant, FeatureCost, LedgerEntry, Reservation, UsageEvent, Wallet
+from billing.models import (
+    CreditGrant,
+    Customer,
+    Feature,
+    FeatureCost,
+    LedgerEntry,
+    Reservation,
+    UsageEvent,
+    Wallet,
+)
 from billing.services import usage
 from billing.services.grants import default_wallet
 from billing.services.reservations import reservation_create
@@ -310,3 +322,25 @@ def test_one_event_id_from_eight_threads_charges_once(feature):
     wallet.refresh_from_db()
     assert wallet.ledger_balance == Decimal("97")
     assert LedgerEntry.objects.filter(wallet=wallet, type="usage").count() == 1
+
+
+@given(
+    external_id=st.text(min_size=1, max_size=20),
+    key=st.text(min_size=1, max_size=10),
+    quantity=st.decimals(min_value=0, max_value=10**12, places=6),
+    occurred_at=st.none() | st.datetimes(timezones=st.just(UTC)),
+    properties=st.dictionaries(st.text(max_size=5), st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+                               | st.lists(st.integers(), max_size=3), max_size=4),
+    reservation=st.none() | st.integers(min_value=1, max_value=10**12),
+)
+def test_request_hash_is_the_hash_of_the_canonical_json(external_id, key, quantity, occurred_at, properties,
+                                                         reservation):
+    """The key-by-key canonical string is json.dumps's (stored hashes stay comparable)."""
+    request = ChargeRequest(customer=Customer(external_id=external_id), wallet_id=1, feature=Feature(key=key),
+                            quantity=quantity, event_id="e", occurred_at=occurred_at, properties=properties,
+                            reservation_id=reservation)
+    canonical = json.dumps({"customer": external_id, "feature": key, "quantity": str(quantity.normalize()),
+                            "occurred_at": occurred_at.isoformat() if occurred_at else None,
+                            "properties": properties, "reservation": reservation},
+                           sort_keys=True, separators=(",", ":"), default=str)
+    assert usage.request_hash(request) == hashlib.sha256(canonical.encode()).hexdigest()
