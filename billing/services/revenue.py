@@ -286,7 +286,9 @@ def grant_schedule(grant: CreditGrant, *, now: datetime | None = None) -> GrantS
     rows = _paid_grant_rows(grant_ids=[grant.pk])
     if not rows:
         return GrantSchedule(grant=grant, paid=ZERO, is_paid_grant=False)
-    first = LedgerEntry.objects.filter(grant=grant).order_by("created_at").values_list("created_at", flat=True).first()
+    # The grant's own entry comes first (the (grant, type) index finds it).
+    first = (LedgerEntry.objects.filter(grant=grant, type=LedgerEntry.Type.GRANT).order_by("created_at")
+             .values_list("created_at", flat=True).first())
     if first is None or first >= now:
         return GrantSchedule(grant=grant, paid=round_money(rows[0].paid, grant.currency))
     year, month = month_of(first)
