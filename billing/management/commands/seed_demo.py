@@ -131,10 +131,6 @@ MIXES = {
         UsageMix("gpt-tokens", (0, 2), (1, 5)),
         UsageMix("api-call", (1, 4), (1, 4)),
     ),
-    "orbit": (
-        UsageMix("gpt-tokens", (4, 6), (60, 140)),
-        UsageMix("api-call", (3, 6), (10, 40)),
-    ),
     "acme": (
         UsageMix("gpt-tokens", (10, 16), (50, 250), team="research"),
         UsageMix("image-generation", (5, 15), (1, 4), team="product"),
@@ -326,6 +322,19 @@ class Story:
             payment_record(invoice_id=invoice.pk, amount=invoice.amount_due, reference="Wire ORB-0001",
                            actor=self.staff["finance"])
 
+    def orbit_usage(self, number: int) -> None:
+        """Orbit reports each day's usage in one batch at 17:30 (deterministic, so
+        the other customers' random usage stays as it was)."""
+        if "orbit" not in self.customers:
+            return
+        self.at(self.day(number, 17, 31))
+        usage_charge_many([
+            ChargeRequest(customer=self.customers["orbit"], wallet_id=self.wallets["orbit"].pk,
+                          feature=self.features[feature], quantity=Decimal(quantity),
+                          event_id=f"demo-orbit-d{number:02d}-{feature}", occurred_at=self.day(number, 17, 30))
+            for feature, quantity in (("gpt-tokens", 450 + number * 37 % 200), ("api-call", 60 + number * 13 % 50))
+        ])
+
     def orbit_upgrades(self) -> None:
         subscription = Subscription.objects.get(customer=self.customers["orbit"])
         subscription_change_plan(subscription_id=subscription.pk, plan=Plan.objects.get(code="scale-monthly"),
@@ -401,6 +410,7 @@ class Story:
             self.pixelforge_buys_top_up()
 
     def run_jobs(self, number: int) -> None:
+        self.orbit_usage(number)
         self.at(self.day(number, 23, 55))
         tasks.grants_expire_due()
         tasks.reservations_expire_due()
