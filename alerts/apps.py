@@ -25,6 +25,7 @@ class AlertsConfig(AppConfig):
         events.subscribe("grant.expired", subscribers.on_grant_expired)
         events.subscribe("wallet.paused", subscribers.on_wallet_paused)
         events.subscribe("wallet.resumed", subscribers.on_wallet_resumed)
+        events.subscribe("invoice.payment_failed", subscribers.on_invoice_payment_failed)
 
         view = [f"alerts.view_{m}" for m in ALERTS_MODELS]
         roles.extend_role(roles.FINANCE, view + [f"alerts.{action}_{m}" for m in ALERTS_MODELS

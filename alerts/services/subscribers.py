@@ -10,10 +10,11 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
-from alerts.models import EventType, Severity
-from alerts.services.auto_top_up import auto_top_up_grant_settled
+from alerts.models import AutoTopUpRun, EventType, Severity
+from alerts.services.auto_top_up import auto_top_up_grant_settled, auto_top_up_payment_failed
 from alerts.services.evaluation import rule_for_wallet, wallet_payload
 from alerts.services.notifications import notify
+from billing.errors import Conflict
 from billing.models import CreditGrant, Wallet
 
 TOPPED_UP_SOURCES = {CreditGrant.Source.PACK_PURCHASE, CreditGrant.Source.AUTO_TOP_UP}
@@ -93,3 +94,16 @@ def on_wallet_resumed(topic: str, payload: dict) -> None:
                now=now, payload=data,
                dedupe=f"wallet.resumed:{wallet.pk}:{payload.get('grant') or payload.get('at', '')}")
         _queue_refresh(wallet.pk)
+
+
+def on_invoice_payment_failed(topic: str, payload: dict) -> None:
+    """The payment of an invoice failed: each auto top-up waiting for it fails
+    (its grant is voided; enough failures in a row switch the auto top-up off).
+    A run no longer awaiting payment is left alone, so a redelivery changes nothing."""
+    runs = AutoTopUpRun.objects.filter(grant_id__in=payload.get("grants") or [],
+                                       status=AutoTopUpRun.Status.AWAITING_PAYMENT).values_list("pk", flat=True)
+    for run_id in list(runs):
+        try:
+            auto_top_up_payment_failed(run_id=run_id, reason=payload.get("reason") or "Payment failed.")
+        except Conflict:
+            continue  # settled or failed meanwhile by another delivery

@@ -11,9 +11,12 @@ the authentication. Body::
      "data": {"invoice_number": "INV-2026-000001", "amount": "100.00", "currency": "USD",
               "reference": "pi_123"}}
 
-Other event types are acknowledged and ignored. The ``webhook-id`` is the
-provider's event id: a redelivered event records nothing new and answers as the
-first delivery did, so the provider may retry freely.
+``payment.failed`` (``data``: ``invoice_number``, optional ``reason``) leaves
+the invoice issued and publishes ``invoice.payment_failed`` once per event id
+(alerts then counts a failed auto top-up). Other event types are acknowledged
+and ignored. The ``webhook-id`` is the provider's event id: a redelivered event
+records nothing new and answers as the first delivery did, so the provider may
+retry freely.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing.api.base import errors
+from billing.api.idempotency import run_idempotent
 from billing.errors import BillingError, InvalidRequest, NotFound
 from billing.models import Invoice, Payment
 from billing.numbers import parse_decimal
-from billing.services.invoices import payment_record
+from billing.services.invoices import invoice_payment_failed, payment_record
 
 PAID_EVENT = "payment.succeeded"
+FAILED_EVENT = "payment.failed"
 
 
 class InvalidSignature(BillingError):
@@ -99,7 +104,7 @@ def _payment_fields(payload) -> tuple[str, Decimal, str, str]:
 
 
 PaymentWebhookAnswer = inline_serializer("PaymentWebhookAnswer", {
-    "status": serializers.ChoiceField(choices=["recorded", "duplicate", "ignored"]),
+    "status": serializers.ChoiceField(choices=["recorded", "duplicate", "ignored", "payment_failed"]),
     "payment": serializers.IntegerField(required=False),
     "invoice": serializers.CharField(required=False),
     "invoice_status": serializers.CharField(required=False),
@@ -130,6 +135,8 @@ class PaymentWebhookApi(APIView):
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise InvalidRequest("The body is not JSON.") from None
+        if isinstance(payload, dict) and payload.get("type") == FAILED_EVENT:
+            return self._failed(msg_id, payload)
         if not isinstance(payload, dict) or payload.get("type") != PAID_EVENT:
             return Response({"status": "ignored"})
         event_id = f"webhook:{msg_id}"[:255]
@@ -145,6 +152,26 @@ class PaymentWebhookApi(APIView):
                                  actor_label="payment webhook")
         payment = Payment.objects.select_related("invoice").get(pk=payment.pk)
         return Response(self._answer("recorded", payment))
+
+    @staticmethod
+    def _failed(msg_id: str, payload: dict) -> Response:
+        data = payload.get("data")
+        number = data.get("invoice_number") if isinstance(data, dict) else None
+        reason = data.get("reason", "") if isinstance(data, dict) else ""
+        if not isinstance(number, str) or not number:
+            raise InvalidRequest("data.invoice_number is required.", details={"data.invoice_number": "required"})
+        if not isinstance(reason, str):
+            raise InvalidRequest("data.reason is a string.", details={"data.reason": "must be a string"})
+        invoice = Invoice.objects.filter(number=number).only("pk").first()
+        if invoice is None:
+            raise NotFound(f"No invoice {number!r}."[:300], details={"data.invoice_number": "not found"})
+
+        def perform():
+            failed = invoice_payment_failed(invoice_id=invoice.pk, reason=reason, actor_label="payment webhook")
+            return 200, {"status": "payment_failed", "invoice": failed.number, "invoice_status": failed.status}
+
+        return run_idempotent(operation="payments.webhook.failed", key=msg_id[:255], payload=payload,
+                              perform=perform)
 
     @staticmethod
     def _answer(status: str, payment: Payment) -> dict:

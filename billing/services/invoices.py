@@ -290,6 +290,27 @@ def payment_record(
     return payment
 
 
+def invoice_payment_failed(*, invoice_id: int, reason: str = "", actor=None, actor_label: str = "") -> Invoice:
+    """The provider reports that paying an issued invoice failed: nothing about
+    the invoice changes (it stays issued and due), but ``invoice.payment_failed``
+    is published with the grants still waiting for its payment, so other apps
+    react (alerts counts a failed auto top-up and may switch it off). Callers
+    deduplicate redeliveries (the webhook does, by its event id). Raises
+    Conflict unless the invoice is issued."""
+    with transaction.atomic():
+        invoice = lock_invoice(invoice_id)
+        if invoice.status != Invoice.Status.ISSUED:
+            raise Conflict(f"{invoice} is {invoice.status}; only an issued invoice can fail to be paid.",
+                           details={"status": invoice.status})
+        reason = (reason or "Payment failed.")[:255]
+        audit_record(actor=actor, actor_label=actor_label, action="invoice.payment_failed", obj=invoice,
+                     changes={"reason": reason})
+        events.publish("invoice.payment_failed", {
+            "invoice": invoice.pk, "number": invoice.number, "customer": invoice.customer_id, "reason": reason,
+            "grants": _pending_grant_ids(invoice)})
+    return invoice
+
+
 def pack_purchase_invoice(*, purchase_id: int, issue: bool = True, actor=None, actor_label: str = "") -> Invoice:
     """Invoice a pack purchase: one ``pack_purchase`` line at the price paid.
     Its grant (bought with ``pending_payment=True``) becomes usable when the

@@ -119,7 +119,7 @@ def test_without_a_configured_secret_every_call_is_refused(settings, pack_invoic
 
 def test_other_events_are_acknowledged_and_ignored(pack_invoice):
     invoice, _, _ = pack_invoice
-    response = post(_event(invoice.number, kind="payment.failed"))
+    response = post(_event(invoice.number, kind="charge.dispute.created"))
     assert response.status_code == 200 and response.json() == {"status": "ignored"}
     assert not Payment.objects.exists()
 
@@ -139,3 +139,49 @@ def test_payments_that_do_not_fit_the_invoice_are_refused(event, status, code, p
     assert response.status_code == status, response.content
     assert response.json()["error"]["code"] == code
     assert not Payment.objects.exists()
+
+
+def _failed(number: str, reason: str = "Card declined") -> str:
+    return json.dumps({"type": "payment.failed", "data": {"invoice_number": number, "reason": reason}})
+
+
+def test_a_failed_payment_fails_the_auto_top_up_waiting_for_it_once(django_capture_on_commit_callbacks):
+    from alerts.models import AutoTopUpRun
+    from alerts.services.auto_top_up import auto_top_up_execute, auto_top_up_set
+    from billing.models import OutboxEvent
+
+    customer = make_customer("initech", email="ap@initech.test")
+    wallet = default_wallet(customer)
+    pack = CreditPackFactory(code="refill", credits=Decimal("500"), price=Decimal("50"), validity_days=None)
+    auto = auto_top_up_set(wallet=wallet, threshold=Decimal("100"), pack=pack, await_payment=True,
+                           max_consecutive_failures=1)
+    run = auto_top_up_execute(run_id=AutoTopUpRun.objects.get(auto_top_up=auto).pk)  # an empty wallet breaches
+    assert run.status == AutoTopUpRun.Status.AWAITING_PAYMENT
+    invoice = pack_purchase_invoice(purchase_id=run.purchase_id)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = post(_failed(invoice.number), msg_id="msg_failed")
+    assert response.status_code == 200
+    assert response.json() == {"status": "payment_failed", "invoice": invoice.number, "invoice_status": "issued"}
+    run.refresh_from_db()
+    assert (run.status, run.detail) == (AutoTopUpRun.Status.PAYMENT_FAILED, "Card declined")
+    assert CreditGrant.objects.get(pk=run.grant_id).status == CreditGrant.Status.VOIDED
+    auto.refresh_from_db()
+    assert not auto.enabled and "Card declined" in auto.disabled_reason
+
+    with django_capture_on_commit_callbacks(execute=True):
+        replay = post(_failed(invoice.number), msg_id="msg_failed")
+    assert replay.json() == response.json()
+    assert OutboxEvent.objects.filter(topic="invoice.payment_failed").count() == 1
+    invoice.refresh_from_db()
+    assert invoice.status == Invoice.Status.ISSUED and not Payment.objects.exists()
+
+
+def test_a_failed_payment_for_a_paid_or_unknown_invoice_is_refused(pack_invoice):
+    invoice, _, _ = pack_invoice
+    assert post(_failed("INV-1999-000001"), msg_id="msg_x").json()["error"]["code"] == "not_found"
+    assert post(_event(invoice.number), msg_id="msg_paid").status_code == 200
+    response = post(_failed(invoice.number), msg_id="msg_late")
+    assert (response.status_code, response.json()["error"]["code"]) == (409, "conflict")
+    missing = post(json.dumps({"type": "payment.failed", "data": {}}), msg_id="msg_empty")
+    assert (missing.status_code, missing.json()["error"]["details"]) == (400, {"data.invoice_number": "required"})
