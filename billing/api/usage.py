@@ -37,6 +37,7 @@ from billing.errors import InvalidRequest, NotFound
 from billing.models import CreditGrant, Customer, Feature, FeatureCost, Wallet
 from billing.numbers import MAX_QUANTITY, ZERO, parse_decimal, round_credits
 from billing.services.ledger import headroom, open_holds_total
+from billing.services.team_limits import team_limit_left
 from billing.services.usage import (
     ChargeRequest,
     ChargeResult,
@@ -288,7 +289,8 @@ def _event_id_of(raw) -> str | None:
 
 class UsageCheckApi(ApiView):
     """Would this usage be allowed now? Prices it like a charge (same body without
-    ``event_id``) and compares with the available balance; charges nothing
+    ``event_id``) and compares with the available balance and, for a team with a
+    spending limit, with what the team has left this month; charges nothing
     (scope ``usage:write`` or ``balance:read``: it only reads)."""
 
     scopes = {"POST": (USAGE_WRITE, BALANCE_READ)}
@@ -313,5 +315,6 @@ class UsageCheckApi(ApiView):
             usable = CreditGrant.objects.filter(wallet_id=wallet.pk).usable(at=now, feature_id=feature.pk).aggregate(
                 total=Sum("remaining"))["total"] or ZERO
             available = max(usable - open_holds_total(wallet, at=now) + headroom(wallet), ZERO)
-        return Response({"allowed": credits <= available, "credits": str(credits),
-                         "available": str(round_credits(available))})
+        left = team_limit_left(wallet=wallet, properties=event.properties, at=now)
+        allowed = credits <= available and (left is None or credits <= left)
+        return Response({"allowed": allowed, "credits": str(credits), "available": str(round_credits(available))})

@@ -107,6 +107,20 @@ def lock_team_spends(*, keys: Iterable[tuple[int, str, str]], now: datetime) -> 
     return spends
 
 
+def team_limit_left(*, wallet: Wallet, properties, at: datetime) -> Decimal | None:
+    """What the event's team may still spend this month on the wallet, or None when
+    no limit applies (a read, no lock: for ``POST /usage/check``)."""
+    team = team_of(properties)
+    if not wallet.has_team_limits or team is None:
+        return None
+    limit = TeamSpendingLimit.objects.filter(wallet_id=wallet.pk, team=team).first()
+    if limit is None:
+        return None
+    start = period_start(wallet.customer.timezone, at)
+    spent = TeamSpend.objects.filter(team_limit=limit, period_start=start).values_list("spent", flat=True).first()
+    return limit.monthly_limit - (spent or ZERO)
+
+
 def team_limit_exceeded_body(*, event_id: str, team: str, limit: Decimal, spent: Decimal, requested: Decimal,
                              start: date) -> dict:
     """The 402 answer for a charge over its team's limit (stored and replayed like any refusal)."""

@@ -235,3 +235,13 @@ def test_threads_of_one_team_never_exceed_its_limit_together(db):
     wallet.refresh_from_db()
     assert wallet.ledger_balance == Decimal("1000") - Decimal("19.5") - 24 * Decimal("1.5")
     assert_ledger_consistent(wallet)
+
+
+def test_check_says_whether_the_team_may_still_spend(pooled):
+    api = make_api("usage:write")
+    assert api.post("/api/v1/usage", event("a", "4"))[0] == 201  # 8 of 10
+    check = {"customer": "acme", "feature": "api-call", "quantity": "1", "properties": {"team": "ml"}}
+    assert api.post("/api/v1/usage/check", check)[1]["allowed"] is True  # 2 more fit
+    assert api.post("/api/v1/usage/check", {**check, "quantity": "2"})[1]["allowed"] is False
+    assert api.post("/api/v1/usage/check", {**check, "quantity": "2", "properties": {"team": "search"}})[1][
+        "allowed"] is True
