@@ -291,7 +291,7 @@ class InvoiceNumberCounterAdmin(ReadOnlyAdminMixin, BillingModelAdmin):
 @admin.register(Plan)
 class PlanAdmin(AuditedAdminMixin, BillingModelAdmin):
     list_display = ("code", "name", "period", "base_fee", "currency", "included_credits", "overage_policy",
-                    "overage_price", "overage_cap", "active")
+                    "overage_price", "overage_cap", "trial_days", "active")
     list_filter = ("active", "period", "overage_policy")
     search_fields = ("code", "name")
 

@@ -171,8 +171,9 @@ def subscription_start(
                 created_by=actor if getattr(actor, "is_authenticated", False) else None,
             )
             if plan.trial_days:
-                subscription.status = Subscription.Status.TRIALING
                 subscription.trial_ends_at = start_at + timedelta(days=plan.trial_days)
+                if subscription.trial_ends_at > timezone.now():
+                    subscription.status = Subscription.Status.TRIALING
             subscription.current_period_start, subscription.current_period_end = period_bounds(
                 anchor=anchor, index=0, months=plan.months, tz_name=customer.timezone)
             subscription.save()

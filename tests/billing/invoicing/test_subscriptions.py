@@ -11,6 +11,8 @@ from unittest import mock
 
 import pytest
 import time_machine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from billing.errors import Conflict, InvalidRequest, NotFound
 from billing.models import (
@@ -24,6 +26,7 @@ from billing.models import (
     SubscriptionChange,
     Wallet,
 )
+from billing.numbers import round_credits
 from billing.selectors import wallet_balance
 from billing.services.grants import default_wallet
 from billing.services.invoices import payment_record
@@ -347,3 +350,78 @@ def test_a_whole_leap_year_in_berlin_with_a_plan_change_and_a_killed_close(plans
         assert_ledger_consistent(default_wallet(customer))
     entries = [list(default_wallet(c).entries.order_by("sequence").values_list("type", "amount")) for c in customers]
     assert entries[0] == entries[1]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    old_fee=st.decimals(min_value=0, max_value=2000, places=2),
+    new_fee=st.decimals(min_value=0, max_value=2000, places=2),
+    old_included=st.integers(min_value=0, max_value=5000),
+    new_included=st.integers(min_value=0, max_value=5000),
+    used=st.integers(min_value=0, max_value=5000),
+    seconds_in=st.integers(min_value=0, max_value=30 * 24 * 3600 - 1),
+)
+def test_any_plan_change_bills_each_plan_for_its_share_and_keeps_the_ledger_whole(
+        feature, old_fee, new_fee, old_included, new_included, used, seconds_in):
+    """Whatever the fees, credits and moment: the closing invoice is the old fee
+    for the share before the change plus the new fee for the share after (each
+    rounded once, so within a cent), never negative; included credits never go
+    below what was used; the ledger stays consistent."""
+    n = Plan.objects.count()
+    old = Plan.objects.create(code=f"old-{n}", name="Old", base_fee=old_fee, included_credits=old_included)
+    new = Plan.objects.create(code=f"new-{n}", name="New", base_fee=new_fee, included_credits=new_included)
+    customer = make_customer(f"prop-{n}", timezone_name="UTC")
+    wallet = default_wallet(customer)
+    with at(utc(2026, 4, 1)):
+        subscription = subscription_start(customer=customer, plan=old)
+    moment = utc(2026, 4, 1) + timedelta(seconds=seconds_in)
+    with at(moment):
+        if 0 < used <= old_included:
+            charge(wallet, feature, str(used), f"p{n}")
+        change = subscription_change_plan(subscription_id=subscription.pk, plan=new)
+    with at(utc(2026, 5, 1, 0, 1)):
+        subscriptions_close_due()
+    invoice = subscription.periods.get(index=0).invoice
+    share = Decimal(30 * 24 * 3600 - seconds_in) / Decimal(30 * 24 * 3600)
+    exact = old_fee * (1 - share) + new_fee * share
+    total = invoice.total if invoice else Decimal(0)
+    assert total >= 0 and abs(total - exact) <= Decimal("0.01")
+    assert change.credits_delta == round_credits((new_included - old_included) * change.remaining_fraction)
+    assert_ledger_consistent(wallet)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_close_jobs_racing_close_each_period_once_with_gapless_numbers():
+    import threading
+
+    from django.db import connection
+    from django.utils import timezone
+
+    plan = Plan.objects.create(code="race", name="Race", base_fee=Decimal("10"), included_credits=Decimal("100"))
+    started = timezone.now() - timedelta(days=40)
+    subscriptions = [subscription_start(customer=make_customer(f"race-{i}"), plan=plan, start_at=started)
+                     for i in range(6)]
+    barrier = threading.Barrier(4)
+    closed, errors = [], []
+
+    def run() -> None:
+        try:
+            barrier.wait(timeout=30)
+            closed.append(subscriptions_close_due())
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and sum(closed) == 6
+    for subscription in subscriptions:
+        subscription.refresh_from_db()
+        assert subscription.period_index == 1 and subscription.periods.get(index=0).invoice.total == Decimal("10.00")
+        assert_ledger_consistent(subscription.wallet)
+    sequences = sorted(Invoice.objects.values_list("sequence", flat=True))
+    assert sequences == list(range(1, 7))
