@@ -316,6 +316,10 @@ class PlanChangeForm(forms.Form):
     confirm = forms.BooleanField(required=False, widget=forms.HiddenInput)
 
 
+class CancelNowForm(forms.Form):
+    confirm = forms.BooleanField(label="Close the current period now and issue its invoice")
+
+
 class SubscriptionChangeInline(admin.TabularInline):
     model = SubscriptionChange
     fields = ("effective_at", "from_plan", "to_plan", "remaining_fraction", "unused_credit", "remaining_charge",
@@ -377,7 +381,7 @@ class SubscriptionAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMix
         Operation("cancel_now", "Cancel now", "change",
                   lambda request, sub, data: subscription_cancel(subscription_id=sub.pk, at_period_end=False,
                                                                  actor=request.user),
-                  "Cancelled {count} subscription(s) now.",
+                  "Cancelled {count} subscription(s) now.", form_class=CancelNowForm,
                   available=lambda sub, user: sub.status != Subscription.Status.CANCELED
                   and sub.current_period_end > timezone.now(),
                   help="Closes the current period now: its invoice bills the fee to date (the rest is credited) "

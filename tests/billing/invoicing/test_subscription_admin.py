@@ -65,7 +65,11 @@ def test_finance_cancels_now_and_the_auditor_may_not(subscription, staff_client)
         url = reverse(f"admin:billing_subscription_{name}", args=[subscription.pk])
         assert auditor.post(url, {}).status_code == 403
     client = staff_client("finance")
-    response = client.post(reverse("admin:billing_subscription_cancel_now", args=[subscription.pk]), {})
+    url = reverse("admin:billing_subscription_cancel_now", args=[subscription.pk])
+    assert client.post(url, {}).status_code == 200  # not confirmed: the page again, nothing done
+    subscription.refresh_from_db()
+    assert subscription.status == Subscription.Status.ACTIVE
+    response = client.post(url, {"confirm": "on"})
     assert response.status_code == 302
     subscription.refresh_from_db()
     assert subscription.status == Subscription.Status.CANCELED
