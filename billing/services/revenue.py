@@ -89,13 +89,6 @@ def money_paid(*, kind: str, original: Decimal, basis: Decimal, price_paid: Deci
     return price_paid
 
 
-def grant_money_paid(grant: CreditGrant) -> Decimal:
-    purchase = getattr(grant, "purchase", None)
-    return money_paid(kind=grant.kind, original=grant.original_amount, basis=grant.per_unit_cost_basis,
-                      price_paid=grant.price_paid, purchase_total=purchase.total_price if purchase else None,
-                      currency=grant.currency)
-
-
 @dataclass(frozen=True)
 class LedgerPosition:
     """A grant's credits through a moment, from its ledger entries."""
