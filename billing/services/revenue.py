@@ -129,32 +129,34 @@ def grant_figures(*, paid: Decimal, original: Decimal, currency: str, position: 
 
 
 def ledger_positions(grant_ids: list[int], bounds: list[datetime]) -> dict[int, list[LedgerPosition]]:
-    """Each grant's ledger position just before each of ``bounds``, in one grouped pass over its entries."""
+    """Each grant's ledger position just before each of ``bounds`` (ascending), in
+    one grouped pass over its entries: every entry is summed into (grant, kind of
+    movement, how many bounds it comes at or after), then added up per bound here."""
     if not grant_ids or not bounds:
         return {}
-    columns, params = [], []
-    for bound in bounds:
-        columns += [
-            "bool_or(e.type = 'grant' AND e.created_at < %s)",
-            "COALESCE(SUM(-e.amount) FILTER (WHERE e.type <> ALL(%s) AND e.created_at < %s), 0)",
-            "COALESCE(SUM(-e.amount) FILTER (WHERE e.type = ANY(%s) AND e.created_at < %s), 0)",
-            "COALESCE(SUM(-e.amount) FILTER (WHERE e.type = 'refund' AND e.created_at < %s), 0)",
-            "COALESCE(SUM(e.amount) FILTER (WHERE e.created_at < %s), 0)",
-        ]
-        params += [bound, list(NOT_CONSUMPTION), bound, list(LAPSE_TYPES), bound, bound, bound]
-    sql = (f"SELECT e.grant_id, {', '.join(columns)} FROM {LedgerEntry._meta.db_table} e "
-           "WHERE e.grant_id = ANY(%s) AND e.created_at < %s GROUP BY e.grant_id")
-    result: dict[int, list[LedgerPosition]] = {}
+    sql = (
+        "SELECT e.grant_id, CASE WHEN e.type = 'grant' THEN 0 WHEN e.type = ANY(%s) THEN 1 "
+        "WHEN e.type = 'refund' THEN 2 ELSE 3 END, width_bucket(e.created_at, %s::timestamptz[]), SUM(e.amount) "
+        f"FROM {LedgerEntry._meta.db_table} e WHERE e.grant_id = ANY(%s) AND e.created_at < %s GROUP BY 1, 2, 3"
+    )
+    # per grant, per bound: [granted, lapsed, refunded, consumed] (signed sums), activated
+    sums: dict[int, list[list[Decimal]]] = defaultdict(lambda: [[ZERO] * 4 for _ in bounds])
+    activated: dict[int, list[bool]] = defaultdict(lambda: [False] * len(bounds))
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, list(grant_ids), max(bounds)])
-        for row in cursor.fetchall():
-            values = row[1:]
-            result[row[0]] = [
-                LedgerPosition(activated=bool(values[i]), consumed=values[i + 1], lapsed=values[i + 2],
-                               refunded=values[i + 3], remaining=values[i + 4])
-                for i in range(0, len(values), 5)
-            ]
-    return result
+        cursor.execute(sql, [list(LAPSE_TYPES), list(bounds), list(grant_ids), max(bounds)])
+        for grant_id, movement, bucket, total in cursor.fetchall():
+            # width_bucket counts the bounds at or before the entry: it lies before bounds[bucket:].
+            for i in range(bucket, len(bounds)):
+                sums[grant_id][i][movement] += total
+                activated[grant_id][i] = activated[grant_id][i] or movement == 0
+    return {
+        grant_id: [
+            LedgerPosition(activated=activated[grant_id][i], lapsed=-per_bound[i][1], refunded=-per_bound[i][2],
+                           consumed=-per_bound[i][3], remaining=sum(per_bound[i], ZERO))
+            for i in range(len(bounds))
+        ]
+        for grant_id, per_bound in sums.items()
+    }
 
 
 def refunded_money(grant_ids: list[int], bounds: list[datetime]) -> dict[int, list[Decimal]]:
