@@ -130,6 +130,17 @@ def test_demo_api_key_reads_a_balance(demo, client):
     assert response.json()["by_kind"]["promotional"] == str(CreditGrant.objects.get(wallet__customer__external_id="novalabs").remaining)
 
 
+def test_acme_teams_have_monthly_limits_on_the_wallet_page(demo, client):
+    from billing.models import TeamSpendingLimit
+
+    limits = TeamSpendingLimit.objects.filter(wallet__customer__external_id="acme", wallet__is_default=True)
+    assert sorted(limits.values_list("team", flat=True)) == ["product", "research", "support"]
+    assert all(limit.spends.get().spent > 0 for limit in limits)  # this month's usage counted
+    client.force_login(get_user_model().objects.get(username="finance"))
+    page = client.get(f"/admin/billing/wallet/{limits[0].wallet_id}/change/").content.decode()
+    assert "Team spending limits" in page and "research" in page
+
+
 def test_acme_contract_runs_to_its_true_up(demo, client):
     from billing.models import Contract, InvoiceLine
     from billing.services.contracts import contract_statement
@@ -208,3 +219,23 @@ def test_orbit_is_on_a_hybrid_plan_with_a_closed_period_and_its_invoice(demo, cl
     assert html.status_code == 200 and first.invoice.number in html.content.decode()
     pdf = client.get(f"/admin/billing/invoice/{first.invoice.pk}/pdf/")
     assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+
+
+def test_pixelforge_got_a_refund_from_a_second_person_and_the_revenue_report_reconciles(demo, client):
+    from billing.models import CreditNote, RefundRequest
+    from billing.services.revenue import month_of, revenue_report
+
+    refund = RefundRequest.objects.select_related("requested_by", "decided_by").get(
+        grant__wallet__customer__external_id="pixelforge")
+    assert refund.status == RefundRequest.Status.REFUNDED
+    assert (refund.requested_by.username, refund.decided_by.username) == ("support", "finance")
+    note = CreditNote.objects.get(refund_request=refund)
+    assert (note.credits, note.amount) == (Decimal("50000"), Decimal("450.00"))
+    year, month = month_of(timezone.now())
+    for y, m in ((year, month), (year - 1, 12) if month == 1 else (year, month - 1)):
+        report = revenue_report(year=y, month=m, currency="USD")
+        assert report.reconciles, [(c.label, c.expected, c.actual) for c in report.checks if not c.ok]
+    assert report.usage > 0 and report.closing_deferred > 0
+    client.force_login(get_user_model().objects.get(username="auditor"))
+    page = client.get("/admin/billing/creditnote/revenue-report/").content.decode()
+    assert "cd-reconciles\">yes<" in page

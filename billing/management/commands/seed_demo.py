@@ -74,7 +74,9 @@ from billing.services.grants import (
 from billing.services.invoices import payment_record
 from billing.services.packs import pack_purchase
 from billing.services.plans import add_months, subscription_change_plan, subscription_start
+from billing.services.refunds import refund_approve, refund_request
 from billing.services.reservations import reservation_capture, reservation_create
+from billing.services.team_limits import team_limit_set
 from billing.services.usage import ChargeRequest, usage_charge_many
 
 DEMO_CUSTOMERS = ("pixelforge", "novalabs", "acme")
@@ -139,6 +141,10 @@ MIXES = {
         UsageMix("gpt-tokens", (3, 6), (5, 30), team="support"),
     ),
 }
+
+
+# Credits per calendar month each of acme's teams may spend from the pooled wallet.
+ACME_TEAM_LIMITS = {"research": "150000", "product": "60000", "support": "20000"}
 
 
 class DemoClock:
@@ -239,6 +245,7 @@ class Story:
             20: [(self.day(20, 11), self.pixelforge_goodwill)],
             30: [(self.day(30, 15), self.pixelforge_abandoned_hold)],
             37: [(self.day(37, 14), self.orbit_pays_first_invoice)],
+            44: [(self.day(44, 10), self.pixelforge_refund_double_checkout)],
             46: [(self.day(46, 16), self.orbit_upgrades)],
             HISTORY_DAYS - 27: [(self.day(HISTORY_DAYS - 27, 7, 30), self.novalabs_starts_trial)],
             HISTORY_DAYS - 25: [(self.day(HISTORY_DAYS - 25, 9), self.rebalance_gpt_tokens)],
@@ -340,6 +347,15 @@ class Story:
         subscription_change_plan(subscription_id=subscription.pk, plan=Plan.objects.get(code="scale-monthly"),
                                  actor=self.staff["finance"])
 
+    def pixelforge_refund_double_checkout(self) -> None:
+        """A double click bought a second Growth 50K: support asks for its unused
+        credits back and finance (a second person) refunds them with a credit note."""
+        purchase = pack_purchase(wallet=self.wallets["pixelforge"], pack=self.packs["growth-50k"],
+                                 actor_label="self-serve checkout", idempotency_key="demo-pixelforge-double-click")
+        refund = refund_request(grant_id=purchase.grant_id, credits=None, requested_by=self.staff["support"],
+                                reason="Bought twice by a double click at checkout; none of it used")
+        refund_approve(refund_id=refund.pk, user=self.staff["finance"])
+
     def pixelforge_buys_top_up(self) -> None:
         self.at(self.clock.at + timedelta(minutes=40))
         pack_purchase(wallet=self.wallets["pixelforge"], pack=self.packs["starter-10k"], quantity=3,
@@ -436,12 +452,20 @@ class Story:
                         self.charge(batch)
                 self.run_jobs(number)
         self.open_hold()
+        self.acme_team_limits()
         self.demo_api_key()
 
     def open_hold(self) -> None:
         reservation_create(customer=self.customers["acme"], wallet_id=self.wallets["acme"].pk,
                            amount=Decimal("5000"), ttl_seconds=6 * 24 * 3600,
                            idempotency_key="demo-acme-fine-tune")
+
+    def acme_team_limits(self) -> None:
+        """Per-team monthly spending limits on acme's pooled wallet (shown on its
+        wallet page with this month's spend); set today, they count this month's usage."""
+        for team, limit in ACME_TEAM_LIMITS.items():
+            team_limit_set(wallet_id=self.wallets["acme"].pk, team=team, monthly_limit=Decimal(limit),
+                           actor=self.staff["finance"])
 
     def demo_api_key(self) -> None:
         ApiKey.objects.get_or_create(
