@@ -71,6 +71,29 @@ class ChangePriceForm(SubmissionTokenMixin):
         return data
 
 
+TERMS = ("customer", "wallet", "reference", "starts_at", "term_months", "commitment", "committed_credits",
+         "committed_spend", "currency", "list_price", "discount_percent", "payment_schedule", "true_up_cadence",
+         "true_up_price", "rollover_percent", "credit_limit")
+STATE = ("status", "ends_at", "activated_at", "ended_at", "created_by", "created_at", "true_up_statement")
+
+
+class ContractForm(forms.ModelForm):
+    """Draft terms; one draft or active contract per pooled wallet."""
+
+    class Meta:
+        model = Contract
+        fields = TERMS
+
+    def clean(self):
+        data = super().clean()
+        wallet = data.get("wallet")
+        live = (Contract.Status.DRAFT, Contract.Status.ACTIVE)
+        if wallet is not None and Contract.objects.filter(wallet=wallet, status__in=live).exclude(
+                pk=self.instance.pk).exists():
+            self.add_error("wallet", "This wallet already has a draft or active contract.")
+        return data
+
+
 def _key(request, data) -> str:
     return f"admin:{data['token']}"
 
@@ -170,14 +193,10 @@ class ContractAmendmentInline(_ReadOnlyInline):
     readonly_fields = fields
 
 
-TERMS = ("customer", "wallet", "reference", "starts_at", "term_months", "commitment", "committed_credits",
-         "committed_spend", "currency", "list_price", "discount_percent", "payment_schedule", "true_up_cadence",
-         "true_up_price", "rollover_percent", "credit_limit")
-STATE = ("status", "ends_at", "activated_at", "ended_at", "created_by", "created_at", "true_up_statement")
-
 
 @admin.register(Contract)
 class ContractAdmin(OperationsMixin, AuditedAdminMixin, AuditHistoryMixin, BillingModelAdmin):
+    form = ContractForm
     list_display = ("__str__", "customer_link", "status", "starts_at", "ends_at", "committed_credits",
                     "payment_schedule", "true_up_cadence", "currency")
     list_select_related = ("customer",)

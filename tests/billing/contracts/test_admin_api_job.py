@@ -91,6 +91,10 @@ def test_finance_drafts_a_contract_with_tiers_and_activates_it(customer, wallet,
     assert first.invoice.lines.get().kind == InvoiceLine.Kind.CONTRACT
     # Active: the terms are fixed, the change form no longer saves.
     assert client.post(reverse("admin:billing_contract_change", args=[contract.pk]), form).status_code == 403
+    # A second live contract on the same wallet is a form error, not a database error.
+    again = client.post(reverse("admin:billing_contract_add"), {**form, "reference": "ADM-2"})
+    assert again.status_code == 200 and "already has a draft or active contract" in again.content.decode()
+    assert not Contract.objects.filter(reference="ADM-2").exists()
 
 
 def test_finance_runs_a_passed_true_up_renews_and_adds_credits(active, wallet, staff_client):  # noqa: F811
