@@ -193,7 +193,6 @@ class ContractAmendmentInline(_ReadOnlyInline):
     readonly_fields = fields
 
 
-
 @admin.register(Contract)
 class ContractAdmin(OperationsMixin, AuditedAdminMixin, AuditHistoryMixin, BillingModelAdmin):
     form = ContractForm

@@ -208,7 +208,11 @@ def contract_validate(contract: Contract) -> None:
 
 def _annual_credits(contract: Contract) -> Decimal:
     if contract.commitment == Contract.Commitment.SPEND:
-        return round_credits(contract.committed_spend / contract_price(contract, at=contract.starts_at))
+        price = contract_price(contract, at=contract.starts_at)
+        if price <= 0:
+            raise InvalidRequest("A spend commitment needs a price per credit above zero.",
+                                 details={"list_price": "must be > 0 for a spend commitment"})
+        return round_credits(contract.committed_spend / price)
     return contract.committed_credits
 
 

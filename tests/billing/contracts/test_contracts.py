@@ -340,3 +340,13 @@ def test_one_live_contract_per_wallet(customer):
         contract_create(customer=customer, starts_at=START, list_price=Decimal("0.01"),
                         committed_credits=Decimal("1000"))
     assert TrueUp.objects.count() == 0
+
+
+def test_a_free_spend_commitment_is_refused_at_activation(customer):
+    contract = tiered_contract(customer, committed_credits=None, committed_spend=Decimal("100.00"),
+                               list_price=Decimal("0"), tiers=[])
+    with pytest.raises(InvalidRequest) as refused:
+        contract_activate(contract_id=contract.pk)
+    assert "list_price" in refused.value.details
+    contract.refresh_from_db()
+    assert contract.status == Contract.Status.DRAFT and not contract.instalments.exists()
