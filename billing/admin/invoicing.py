@@ -117,33 +117,31 @@ def _record_payment(request, invoice, data):
                    provider_event_id=f"admin:{data['token']}", actor=request.user)
 
 
-class InvoiceLineInline(admin.TabularInline):
+class ReadOnlyInline(admin.TabularInline):
+    """Rows shown on their parent's page that only services write."""
+
+    extra = 0
+    can_delete = False
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class InvoiceLineInline(ReadOnlyInline):
     model = InvoiceLine
     fields = ("position", "kind", "description", "quantity", "unit_price", "amount", "pack_purchase")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
     show_change_link = False
 
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
 
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-
-class PaymentInline(admin.TabularInline):
+class PaymentInline(ReadOnlyInline):
     model = Payment
     fields = ("received_at", "amount", "currency", "method", "reference", "recorded_by")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(Invoice)
@@ -320,34 +318,16 @@ class CancelNowForm(forms.Form):
     confirm = forms.BooleanField(label="Close the current period now and issue its invoice")
 
 
-class SubscriptionChangeInline(admin.TabularInline):
+class SubscriptionChangeInline(ReadOnlyInline):
     model = SubscriptionChange
     fields = ("effective_at", "from_plan", "to_plan", "remaining_fraction", "unused_credit", "remaining_charge",
               "credits_delta", "included_grant", "overage_credits", "created_by")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
-class SubscriptionPeriodInline(admin.TabularInline):
+class SubscriptionPeriodInline(ReadOnlyInline):
     model = SubscriptionPeriod
     fields = ("index", "starts_at", "ends_at", "included_grant", "overage_credits", "invoice", "closed_at")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
     ordering = ("-index",)
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
 def _close_period(request, subscription, data):

@@ -14,14 +14,10 @@ from rest_framework.response import Response
 from billing.api.base import BALANCE_READ, ApiView, customer_wallet, errors
 from billing.api.inputs import AwareDateTimeField, DecimalStringField, storable
 from billing.api.pagination import PAGE_PARAMETERS, page_request, paginate
-from billing.api.serializers import MAX_MONEY, quantity_field, rate_field
+from billing.api.serializers import MAX_MONEY, money_field, quantity_field, rate_field
 from billing.errors import InvalidRequest, NotFound
 from billing.invoice_document import render_pdf
 from billing.models import Invoice, InvoiceLine
-
-
-def money_field(**kwargs) -> DecimalStringField:
-    return DecimalStringField(places=4, maximum=MAX_MONEY, allow_zero=True, **kwargs)
 
 
 class InvoiceLineSerializer(serializers.Serializer):

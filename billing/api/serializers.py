@@ -43,6 +43,11 @@ def rate_field(**kwargs) -> DecimalStringField:
     return DecimalStringField(places=10, maximum=MAX_RATE, allow_zero=True, **kwargs)
 
 
+def money_field(**kwargs) -> DecimalStringField:
+    """Money as stored (4 decimal places; invoice totals are already rounded to the currency)."""
+    return DecimalStringField(places=4, maximum=MAX_MONEY, allow_zero=True, **kwargs)
+
+
 class StrictCharField(serializers.CharField):
     """A JSON string only (DRF's CharField would turn numbers into strings)."""
 

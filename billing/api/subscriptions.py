@@ -16,7 +16,7 @@ from billing.api.base import ADMIN, BALANCE_READ, ApiView, customer_wallet, erro
 from billing.api.idempotency import idempotency_key, idempotency_parameter, run_idempotent
 from billing.api.inputs import AwareDateTimeField, DecimalStringField, StrictIntegerField, storable
 from billing.api.pagination import PAGE_PARAMETERS, page_request, paginate
-from billing.api.serializers import MAX_MONEY, StrictCharField, credits_field, rate_field
+from billing.api.serializers import MAX_MONEY, StrictCharField, credits_field, money_field, rate_field
 from billing.errors import NotFound
 from billing.models import Plan, Subscription, Wallet
 from billing.services.plans import (
@@ -26,10 +26,6 @@ from billing.services.plans import (
     subscription_change_preview,
     subscription_start,
 )
-
-
-def money_field(**kwargs) -> DecimalStringField:
-    return DecimalStringField(places=4, maximum=MAX_MONEY, allow_zero=True, **kwargs)
 
 
 class StrictBooleanField(serializers.BooleanField):
