@@ -340,7 +340,8 @@ class SubscriptionAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMix
     list_display = ("id", "customer_link", "plan", "status", "current_period_start", "current_period_end",
                     "cancel_at_period_end")
     list_select_related = ("customer", "plan")
-    list_filter = ("status", "plan", "cancel_at_period_end")
+    # The customer filter comes from links (?customer__id__exact=…) and never lists every customer.
+    list_filter = ("status", "plan", "cancel_at_period_end", CustomerFilter)
     search_fields = ("customer__external_id", "customer__name")
     ordering = ("-created_at", "-id")
     inlines = (SubscriptionPeriodInline, SubscriptionChangeInline)

@@ -75,3 +75,14 @@ def test_finance_cancels_now_and_the_auditor_may_not(subscription, staff_client)
     assert subscription.status == Subscription.Status.CANCELED
     invoice = subscription.periods.get(index=0).invoice
     assert 0 < invoice.total < Decimal("99")
+
+
+def test_subscription_list_filters_by_customer_link_status_and_plan(subscription, staff_client):  # noqa: F811
+    other = subscription_start(customer=make_customer("wayne"), plan=subscription.plan)
+    client = staff_client("finance")
+    url = reverse("admin:billing_subscription_changelist")
+    page = client.get(f"{url}?customer__id__exact={subscription.customer_id}").content.decode()
+    assert f"/admin/billing/subscription/{subscription.pk}/change/" in page
+    assert f"/admin/billing/subscription/{other.pk}/change/" not in page
+    assert f"/admin/billing/subscription/{other.pk}/change/" in client.get(f"{url}?status__exact=active").content.decode()
+    assert client.get(f"{url}?plan__id__exact={subscription.plan_id}&q=stark").status_code == 200
