@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/profile_api.py [--requests 2000] [--only usage balance batch] [--cprofile]
 
-Uses the database ``creditdesk_bench`` left by ``bench/run.py`` (run that
-first). Builds the WSGI environ a server would and calls ``config.wsgi``'s
+Uses the database ``creditdesk_bench`` (or ``CREDITDESK_BENCH_DB``) left by
+``bench/run.py`` (run that first). Builds the WSGI environ a server would and calls ``config.wsgi``'s
 application in a loop, so the figure is Django + the view + the database,
 without gunicorn's HTTP parsing. Prints wall and CPU time per request.
 """
@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["usage", "balance", "batch"])
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative)")
+    parser.add_argument("--django", action="store_true",
+                        help="call Django's own WSGI application (URL resolving, middleware) instead of config.wsgi's "
+                             "hot-route dispatcher, for comparison")
     args = parser.parse_args()
 
     from bench.run import BENCH_DB, FEATURE_KEY, HOT_CUSTOMER, SPREAD_WALLETS, server_url, with_database
@@ -54,7 +57,8 @@ def main() -> None:
     os.environ["DATABASE_URL"] = with_database(server_url(), BENCH_DB)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     os.environ.setdefault("DB_CONN_MAX_AGE", "600")
-    application = importlib.import_module("config.wsgi").application  # sets Django up first
+    wsgi = importlib.import_module("config.wsgi")  # sets Django up first
+    application = wsgi.django_application if args.django else wsgi.application
     from billing.services.api_keys import api_key_create
 
     _, token = api_key_create(name="profile", scopes=["usage:write", "balance:read"])
