@@ -1244,7 +1244,10 @@ class CreditNote(models.Model):
     customer = models.ForeignKey(Customer, on_delete=models.PROTECT, related_name="credit_notes")
     grant = models.ForeignKey(CreditGrant, on_delete=models.PROTECT, related_name="credit_notes")
     refund_request = models.OneToOneField(RefundRequest, on_delete=models.PROTECT, related_name="credit_note")
-    ledger_entry = models.OneToOneField(LedgerEntry, on_delete=models.PROTECT, related_name="credit_note")
+    # No database foreign key: the ledger refuses DELETE and TRUNCATE through its own
+    # triggers (DESIGN.md §4.5), which a foreign key from here would pre-empt.
+    ledger_entry = models.OneToOneField(LedgerEntry, on_delete=models.PROTECT, related_name="credit_note",
+                                        db_constraint=False)
     pack_purchase = models.ForeignKey(
         PackPurchase, null=True, blank=True, on_delete=models.PROTECT, related_name="credit_notes"
     )
