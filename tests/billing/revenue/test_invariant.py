@@ -135,7 +135,8 @@ def _check(paid: dict[int, Decimal], *, now: datetime) -> None:
             assert f.recognized == money - f.refunded and f.breakage == 0
         unused = round_money(money * grant.remaining / grant.original_amount, "USD")
         assert abs(f.deferred - unused) <= CENT * (1 + notes.count())
-        assert (f.deferred == 0) == (grant.remaining == 0)
+        if grant.remaining == 0:  # (a tiny price may leave nothing deferred on unused credits)
+            assert f.deferred == 0
         schedule = grant_schedule(grant, now=now)
         assert sum((m.recognized for m in schedule.months), Decimal(0)) == f.recognized
         assert sum((m.breakage for m in schedule.months), Decimal(0)) == f.breakage
