@@ -34,9 +34,12 @@ negotiated price on one pooled wallet that all its teams consume from:
   mid-term (a grant and an invoice) or changes the price from a date.
 
 Every writer runs in one transaction, takes the contract's row lock first
-(then invoices, grants, the wallet — the order of ``billing.services.locks``),
-is idempotent (instalments and true-ups once each; amendments per
-``idempotency_key``), audits, and raises ``BillingError``.
+(``lock_contract``; then the instalment or true-up row, then invoices, grants
+and the wallet in the order of ``billing.services.locks`` — except that a
+true-up reads the overage under the wallet lock before its invoice is
+numbered, as a plan period close does), is idempotent (instalments and
+true-ups once each; amendments per ``idempotency_key``), audits, publishes a
+``contract.*`` event, and raises ``BillingError``.
 """
 
 from __future__ import annotations
@@ -295,6 +298,7 @@ def contract_cancel(*, contract_id: int, reason: str, actor=None, actor_label: s
         contract.save(update_fields=["status"])
         audit_record(actor=actor, actor_label=actor_label, action="contract.cancel", obj=contract,
                      changes={"reason": reason})
+        events.publish("contract.canceled", {"contract": contract.pk, "customer": contract.customer_id})
     return contract
 
 
