@@ -1,0 +1,140 @@
+"""A newcomer's click-through of the whole admin over the demo data: for the
+demo ``admin`` and each demo role user (``seed_demo.DEMO_STAFF``), every
+registered model's changelist (also with a few of its list filters, a search,
+an ordering and a page past the end), add page, change, history and delete
+pages of a few rows, and every custom admin URL (operation pages, the revenue
+report and its CSV, invoice and credit note HTML/PDF, bulk promo). Nothing may
+answer 500: the pages a role may see answer 200, the others 403 (or a 302
+back with a message for an operation the row's state does not allow)."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.contrib import admin
+from django.contrib.admin.views.main import ChangeList
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.db import transaction
+from django.test import Client
+from django.urls import reverse
+
+from billing.management.commands.seed_demo import DEMO_STAFF
+
+pytestmark = pytest.mark.django_db
+USERS = ("admin", *DEMO_STAFF)
+STANDARD_URLS = ("_changelist", "_add", "_history", "_delete", "_change", "_autocomplete")
+ROWS_PER_MODEL = 2
+CHOICES_PER_FILTER = 2
+
+
+@pytest.fixture(scope="module")
+def _seeded(django_db_setup, django_db_blocker):
+    """The demo (billing story, alerts, logins) once for the module, rolled back at its end."""
+    with django_db_blocker.unblock(), transaction.atomic():
+        call_command("seed_demo", stdout=StringIO())
+        call_command("seed_alerts_demo", url="http://127.0.0.1:8000", stdout=StringIO())
+        call_command("ensure_demo_admin", stdout=StringIO())
+        yield
+        transaction.set_rollback(True)
+
+
+class Crawl:
+    def __init__(self, username: str):
+        self.user = get_user_model().objects.get(username=username)
+        self.client = Client(raise_request_exception=False)
+        self.client.force_login(self.user)
+        self.failures: list[tuple[str, object]] = []
+        self.seen = 0
+
+    def get(self, url: str, data: dict | None = None, allowed=(200,)):
+        self.seen += 1
+        try:
+            response = self.client.get(url, data or {})
+        except Exception as exc:  # noqa: BLE001 — a crash is a finding, keep crawling
+            self.failures.append((f"{url} {data or ''}", repr(exc)))
+            return None
+        if response.status_code not in allowed:
+            self.failures.append((f"{url} {data or ''}", response.status_code))
+        return response
+
+    def may(self, model, *actions: str) -> bool:
+        opts = model._meta
+        return any(self.user.has_perm(f"{opts.app_label}.{action}_{opts.model_name}") for action in actions)
+
+
+def _changelist_variants(crawl: Crawl, model, model_admin, url: str) -> None:
+    """A few list filters, a search, an ordering and a page past the end."""
+    request = crawl.client.get(url).wsgi_request
+    changelist = model_admin.get_changelist_instance(request)
+    assert isinstance(changelist, ChangeList)
+    for spec in changelist.filter_specs:
+        picked = [c for c in spec.choices(changelist) if not c.get("selected")][:CHOICES_PER_FILTER]
+        for choice in picked:
+            crawl.get(url + choice["query_string"])
+    if model_admin.get_search_fields(request):
+        for query in ("a", "demo 1", "%_'\"", "9" * 30):
+            crawl.get(url, {"q": query})
+    crawl.get(url, {"o": "-1"})
+    crawl.get(url, {"p": "99999"}, allowed=(200, 302))
+    crawl.get(url, {"no_such_field__exact": "x"}, allowed=(200, 302))
+
+
+def _crawl_model(crawl: Crawl, model, model_admin) -> None:
+    opts = model._meta
+    base = f"admin:{opts.app_label}_{opts.model_name}"
+    can_view = crawl.may(model, "view", "change")
+    changelist_url = reverse(f"{base}_changelist")
+    if crawl.get(changelist_url, allowed=(200,) if can_view else (403,)) is None or not can_view:
+        return
+    _changelist_variants(crawl, model, model_admin, changelist_url)
+    crawl.get(reverse(f"{base}_add"), allowed=(200, 403))
+    rows = list(model_admin.get_queryset(crawl.client.get(changelist_url).wsgi_request)
+                .order_by("-pk").values_list("pk", flat=True)[:ROWS_PER_MODEL])
+    customs = [p for p in model_admin.get_urls()
+               if p.name and not p.name.endswith(STANDARD_URLS) and "<path:object_id>" in str(p.pattern)]
+    for pk in rows:
+        crawl.get(reverse(f"{base}_change", args=[pk]))
+        crawl.get(reverse(f"{base}_history", args=[pk]))
+        crawl.get(reverse(f"{base}_delete", args=[pk]), allowed=(200, 403))
+        for pattern in customs:
+            # An operation the row's state does not allow sends back to the row with a message.
+            crawl.get(reverse(f"admin:{pattern.name}", args=[pk]), allowed=(200, 302, 403))
+    for pattern in model_admin.get_urls():
+        if pattern.name and not pattern.name.endswith(STANDARD_URLS) and "<" not in str(pattern.pattern):
+            crawl.get(reverse(f"admin:{pattern.name}"), allowed=(200, 403))
+
+
+@pytest.mark.parametrize("username", USERS)
+def test_every_admin_page_answers_without_a_server_error(username, _seeded, db):
+    crawl = Crawl(username)
+    crawl.get(reverse("admin:index"))
+    for model, model_admin in admin.site._registry.items():
+        _crawl_model(crawl, model, model_admin)
+    assert crawl.failures == []
+    assert crawl.seen > 100
+
+
+@pytest.mark.parametrize("username", ["admin", "finance", "auditor", "support"])
+def test_revenue_report_html_csv_and_bad_parameters(username, _seeded, db):
+    crawl = Crawl(username)
+    may = crawl.user.has_perm("billing.view_creditnote")
+    ok = (200,) if may else (403,)
+    url = reverse("admin:billing_revenue_report")
+    for params in ({}, {"format": "csv"}, {"month": "2026-02", "currency": "EUR"},
+                   {"month": "2026-13"}, {"month": "garbage", "format": "csv"}, {"currency": "XXXXXXXX"},
+                   {"month": "0000-01"}, {"month": "99999-01"}):
+        crawl.get(url, params, allowed=ok + (302, 400) if may else ok)
+    assert crawl.failures == []
+
+
+@pytest.mark.parametrize("username", ["admin", "auditor"])
+def test_operation_pages_of_unknown_rows_are_not_server_errors(username, _seeded, db):
+    crawl = Crawl(username)
+    for model_admin in admin.site._registry.values():
+        for pattern in model_admin.get_urls():
+            if pattern.name and "<path:object_id>" in str(pattern.pattern):
+                for missing in ("987654321", "not-a-number"):
+                    crawl.get(reverse(f"admin:{pattern.name}", args=[missing]), allowed=(302, 403, 404))
+    assert crawl.failures == []
