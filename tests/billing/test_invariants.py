@@ -249,8 +249,8 @@ def test_same_event_id_for_two_customers_is_two_events(feature):
 # --- invariant 5: the database refuses edits -----------------------------------------------------
 
 
-def _refused(action, match: str = "append-only"):
-    with pytest.raises(DatabaseError, match=match), transaction.atomic():
+def _refused(action):
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
         action()
 
 
@@ -274,13 +274,8 @@ def test_raw_sql_cannot_change_ledger_rows(feature, sql):
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("sql, refusal", [
-    # Tables that point at ledger entries (credit notes) refuse a plain TRUNCATE first;
-    # CASCADE gets past them and meets the ledger's own guard.
-    ("TRUNCATE billing_ledgerentry", "append-only|referenced in a foreign key constraint"),
-    ("TRUNCATE billing_ledgerentry CASCADE", "append-only"),
-])
-def test_truncate_of_the_ledger_is_refused(feature, sql, refusal):
+@pytest.mark.parametrize("sql", ["TRUNCATE billing_ledgerentry", "TRUNCATE billing_ledgerentry CASCADE"])
+def test_truncate_of_the_ledger_is_refused(feature, sql):
     # Committed rows: a TRUNCATE in the transaction that inserted them fails for another reason.
     wallet = funded_wallet("5")
 
@@ -288,7 +283,7 @@ def test_truncate_of_the_ledger_is_refused(feature, sql, refusal):
         with connection.cursor() as cursor:
             cursor.execute(sql)
 
-    _refused(run, refusal)
+    _refused(run)
     assert LedgerEntry.objects.filter(wallet=wallet).count() == 1
     assert_ledger_consistent(wallet)
 
