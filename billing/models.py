@@ -1262,6 +1262,8 @@ class CreditNote(models.Model):
     currency = models.CharField(max_length=3, validators=[validate_currency])
     reason = models.CharField(max_length=500, blank=True)
     issued_at = models.DateTimeField(db_index=True)
+    billing_email = models.EmailField(blank=True, help_text="Where the credit note is emailed.")
+    emailed_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )

@@ -140,3 +140,11 @@ def revenue_check() -> int:
         result.alerted = revenue.revenue_check_alert(result, now=now)
         job.note(**result.detail(), as_of=now.isoformat())
     return len(result.mismatches)
+
+
+@shared_task(name="billing.tasks.credit_note_email_send", **EMAIL_RETRYING)
+def credit_note_email_send(credit_note_id: int) -> bool:
+    """Email one credit note with its PDF (queued on commit by ``refund_approve``). Sends at most once."""
+    from billing.services.refunds import credit_note_email_send as send
+
+    return send(credit_note_id=credit_note_id)

@@ -163,8 +163,8 @@ class CreditNoteAdmin(ReadOnlyAdminMixin, AuditHistoryMixin, BillingModelAdmin):
     search_help_text = "Credit note number (exact), or customer external id or name."
     ordering = ("-issued_at", "-id")
     fields = ("number", "customer_link", "grant_link", "refund_link", "invoice_link", "pack_purchase",
-              "description", "credits", "unit_price", "amount", "currency", "reason", "issued_at", "created_by",
-              "documents")
+              "description", "credits", "unit_price", "amount", "currency", "reason", "issued_at", "billing_email",
+              "emailed_at", "created_by", "documents")
     readonly_fields = fields
 
     @admin.display(description="customer", ordering="customer__name")

@@ -23,6 +23,7 @@ from billing.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from billing.models import CreditGrant, CreditNote, Invoice, LedgerEntry, RefundRequest
 from billing.numbers import ZERO, round_credits, round_money
 from billing.services.audit import audit_record
+from billing.services.invoices import billing_profile
 from billing.services.ledger import Movement, append_entries, watch_balance
 from billing.services.locks import lock_grants, lock_key, lock_wallet
 from billing.services.revenue import grant_figures_now, paid_grants
@@ -113,8 +114,8 @@ def refund_approve(*, refund_id: int, user, now: datetime | None = None) -> Refu
     """Approve a pending refund (maker-checker: never the requester's own) and
     carry it out at once, under the grant and wallet locks: the credits asked
     (or all unused ones) leave the grant through one ``refund`` entry, a credit
-    note of credits × the grant's cost basis (``_refund_money``) is numbered and
-    issued, and ``refund.approved`` is
+    note of credits × the grant's cost basis (``_refund_money``) is numbered,
+    issued and emailed (after commit, with its PDF), and ``refund.approved`` is
     published. Raises PermissionDenied, Conflict when the request was decided
     already or the grant has fewer unused credits than asked (checked again here)."""
     with transaction.atomic():
@@ -157,8 +158,11 @@ def refund_approve(*, refund_id: int, user, now: datetime | None = None) -> Refu
                         + (f" ({purchase.quantity} × {purchase.pack.name})" if purchase else ""),
             credits=credits, unit_price=grant.per_unit_cost_basis, amount=amount, currency=grant.currency,
             reason=refund.reason, issued_at=entry.created_at,
+            billing_email=billing_profile(grant.wallet.customer).billing_email or grant.wallet.customer.email,
             created_by=user if getattr(user, "is_authenticated", False) else None,
         )
+        if note.billing_email:
+            transaction.on_commit(lambda: _queue_email(note.pk))
         refund.status = RefundRequest.Status.REFUNDED
         refund.refunded_credits, refund.amount = credits, amount
         refund.decided_by, refund.decided_at = user, entry.created_at
@@ -170,6 +174,38 @@ def refund_approve(*, refund_id: int, user, now: datetime | None = None) -> Refu
             "credits": str(credits), "amount": str(amount), "currency": grant.currency,
             "credit_note": note.number})
     return refund
+
+
+def _queue_email(credit_note_id: int) -> None:
+    from billing.tasks import credit_note_email_send
+
+    credit_note_email_send.delay(credit_note_id)
+
+
+def credit_note_email_send(*, credit_note_id: int) -> bool:
+    """Email a credit note to its billing email with the PDF attached, once: the
+    note's row is locked while sending and ``emailed_at`` set after, so a rerun
+    (or a second worker) sends nothing more. True when sent now."""
+    from django.core.mail import EmailMessage
+    from django.template.loader import render_to_string
+
+    from billing.credit_note_document import credit_note_document, render_pdf
+
+    with transaction.atomic():
+        note = CreditNote.objects.select_for_update(of=("self",)).select_related("customer", "invoice").get(
+            pk=credit_note_id)
+        if note.emailed_at is not None or not note.billing_email:
+            return False
+        doc = credit_note_document(note)
+        message = EmailMessage(subject=f"{doc.title} from {doc.seller}",
+                               body=render_to_string("billing/credit_notes/email.txt", {"doc": doc}),
+                               to=[note.billing_email])
+        message.attach(f"{note.number}.pdf", render_pdf(note), "application/pdf")
+        message.send()
+        note.emailed_at = timezone.now()
+        note.save(update_fields=["emailed_at"])
+        audit_record(action="credit_note.email", obj=note, changes={"to": note.billing_email})
+    return True
 
 
 def refund_reject(*, refund_id: int, user, reason: str = "") -> RefundRequest:

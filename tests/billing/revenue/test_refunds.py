@@ -163,3 +163,28 @@ def test_the_credit_note_links_the_invoice_the_credits_were_bought_on(pack, supp
     refund = refund_request(grant_id=purchase.grant_id, credits=Decimal("100"), reason="x", requested_by=support)
     note = refund_approve(refund_id=refund.pk, user=finance).credit_note
     assert note.invoice == invoice and note.amount == Decimal("10.00")
+
+
+def test_the_credit_note_is_emailed_once_with_its_pdf(bought, support, finance, django_capture_on_commit_callbacks):
+    from django.core import mail
+
+    from billing.services.refunds import credit_note_email_send
+
+    wallet, purchase = bought
+    wallet.customer.email = "billing@buyer.example"
+    wallet.customer.save(update_fields=["email"])
+    refund = refund_request(grant_id=purchase.grant_id, credits=Decimal("40"), reason="Unused", requested_by=support)
+    with mock.patch("billing.tasks.credit_note_email_send.delay") as delay, \
+            django_capture_on_commit_callbacks(execute=True):
+        note = refund_approve(refund_id=refund.pk, user=finance).credit_note
+    delay.assert_called_once_with(note.pk)
+    assert note.billing_email == "billing@buyer.example" and mail.outbox == []
+    assert credit_note_email_send(credit_note_id=note.pk) is True
+    [message] = mail.outbox
+    assert message.to == ["billing@buyer.example"] and note.number in message.subject
+    assert "Credited to you: 4.00 USD" in message.body
+    [(name, content, mimetype)] = message.attachments
+    assert (name, mimetype) == (f"{note.number}.pdf", "application/pdf") and content.startswith(b"%PDF")
+    note.refresh_from_db()
+    assert note.emailed_at is not None
+    assert credit_note_email_send(credit_note_id=note.pk) is False and len(mail.outbox) == 1
