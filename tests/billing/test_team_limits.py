@@ -134,12 +134,13 @@ def test_the_database_function_still_charges_what_no_limit_concerns(monkeypatch,
 
     assert charge("no-team", {}).http_status == 201
     assert charge("team", {"team": "ml"}).http_status == 201
+    assert charge("unlimited-team", {"team": "search"}).http_status == 201
     unlimited = funded_wallet("10")
     assert usage_charge(ChargeRequest(customer=unlimited.customer, wallet_id=unlimited.pk, feature=api_call,
                                       quantity=Decimal(1), event_id="u", properties={"team": "ml"})).http_status == 201
-    # The function answered the event without a team and the unlimited wallet's; it
-    # handed the limited team's event to the Python engine, which counted it.
-    assert [result is not None for result in answered] == [True, False, True]
+    # The function answered the event without a team, the team without a limit and the
+    # unlimited wallet's; it handed the limited team's event to the Python engine, which counted it.
+    assert [result is not None for result in answered] == [True, False, True, True]
     assert spent(pooled, "ml") == Decimal("2")
 
 
