@@ -188,7 +188,8 @@ class DecimalStringField(serializers.Field):
             raise serializers.ValidationError(str(exc)) from None
 
     def to_representation(self, value):
-        return str(Decimal(value).quantize(Decimal(1).scaleb(-self.places)))
+        # Fixed-point always: str() would give "0E-10" or "1.000E-7" for small rates (10 places).
+        return format(Decimal(value).quantize(Decimal(1).scaleb(-self.places)), "f")
 
 
 class AwareDateTimeField(serializers.DateTimeField):

@@ -76,3 +76,14 @@ def test_customer_override_and_cost_errors(admin_api):
         == 201
     assert_error(admin_api.post("/api/v1/features/api-call/costs", {"credits_per_unit": "4", "effective_from": later}),
                  409, "conflict")
+
+
+def test_zero_and_tiny_rates_are_plain_decimal_strings(admin_api, read_api):
+    """A rate with 10 places is never shown in exponent form ("0E-10", "1.000E-7"): the schema's pattern."""
+    status, body = admin_api.post("/api/v1/features", {"key": "free", "name": "Free", "unit": "call",
+                                                       "credits_per_unit": "0"})
+    assert status == 201 and body["credits_per_unit"] == "0.0000000000"
+    status, body = admin_api.post("/api/v1/features/free/costs", {"credits_per_unit": "0.0000001"})
+    assert status == 201 and body["credits_per_unit"] == "0.0000001000"
+    listed = {f["key"]: f["credits_per_unit"] for f in read_api.get("/api/v1/features")[1]["results"]}
+    assert listed["free"] == "0.0000001000"
