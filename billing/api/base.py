@@ -31,7 +31,8 @@ def errors(*statuses: int) -> dict[int, OpenApiResponse]:
     """OpenAPI responses for the error envelope under ``statuses`` (401, 403 and 429 always)."""
     described = {400: "Invalid request (details name the field)", 401: "No, unknown or revoked API key",
                  402: "Insufficient credits", 403: "The key lacks the scope", 404: "Not found",
-                 409: "Conflict or idempotency conflict", 429: "rate_limited: over the key's request rate"}
+                 409: "Conflict or idempotency conflict", 429: "rate_limited: over the key's request rate",
+                 503: "not_configured: the server lacks the setting this endpoint needs"}
     return {status: OpenApiResponse(ErrorSerializer, description=described.get(status, "Error"))
             for status in sorted({401, 403, 429, *statuses})}
 

@@ -119,7 +119,8 @@ class PaymentWebhookApi(APIView):
     throttle_classes: list = []
 
     @extend_schema(
-        operation_id="payments_webhook", request=None, responses={200: PaymentWebhookAnswer, **errors(400, 404, 409)},
+        operation_id="payments_webhook", request=None,
+        responses={200: PaymentWebhookAnswer, **errors(400, 404, 409, 503)},
         parameters=[OpenApiParameter(name, str, OpenApiParameter.HEADER, required=True)
                     for name in ("webhook-id", "webhook-timestamp", "webhook-signature")],
     )

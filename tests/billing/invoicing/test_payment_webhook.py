@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+import yaml
 from django.test import Client
 from standardwebhooks.webhooks import Webhook
 
@@ -115,6 +116,8 @@ def test_without_a_configured_secret_every_call_is_refused(settings, pack_invoic
     invoice, _, _ = pack_invoice
     response = post(_event(invoice.number))
     assert response.status_code == 503 and response.json()["error"]["code"] == "not_configured"
+    schema = yaml.safe_load(Client().get("/api/v1/schema/").content)
+    assert "503" in schema["paths"]["/api/v1/payments/webhook"]["post"]["responses"]  # documented, as it answers
 
 
 def test_other_events_are_acknowledged_and_ignored(pack_invoice):
