@@ -18,7 +18,7 @@ from django.contrib.admin.options import ShowFacets
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import models
-from django.http import HttpResponseRedirect
+from django.http import HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
@@ -345,3 +345,62 @@ class ServiceOnlyChangeMixin:
         if request.method == "POST":
             raise PermissionDenied
         return super().change_view(request, object_id, form_url, extra_context)
+
+
+class ReadOnlyInline(admin.TabularInline):
+    """Rows shown on their parent's page that only services write."""
+
+    extra = 0
+    can_delete = False
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class DocumentViewsMixin:
+    """An HTML view and a PDF download of a document row (invoice, credit
+    note), for whoever may see the row. Set ``document_url_name`` (the admin
+    URL names are ``<it>_html`` and ``<it>_pdf``), ``render_document_html`` and
+    ``render_document_pdf`` (staticmethods taking the row); the PDF is named
+    after ``document_filename`` (the row's number). Add ``document_urls()`` to
+    ``get_urls`` and ``documents`` to the readonly fields."""
+
+    document_url_name: str
+
+    def document_filename(self, obj) -> str:
+        return obj.number
+
+    @admin.display(description="documents")
+    def documents(self, obj):
+        return format_html('<a href="{}">View</a> · <a href="{}">Download PDF</a>',
+                           reverse(f"admin:{self.document_url_name}_html", args=[obj.pk]),
+                           reverse(f"admin:{self.document_url_name}_pdf", args=[obj.pk]))
+
+    def document_urls(self) -> list:
+        return [
+            path("<path:object_id>/html/", self.admin_site.admin_view(self.html_view),
+                 name=f"{self.document_url_name}_html"),
+            path("<path:object_id>/pdf/", self.admin_site.admin_view(self.pdf_view),
+                 name=f"{self.document_url_name}_pdf"),
+        ]
+
+    def _viewable(self, request, object_id):
+        obj = self.get_object(request, object_id)
+        if obj is None or not self.has_view_or_change_permission(request, obj):
+            raise PermissionDenied
+        return obj
+
+    def html_view(self, request, object_id):
+        return HttpResponse(self.render_document_html(self._viewable(request, object_id)))
+
+    def pdf_view(self, request, object_id):
+        obj = self._viewable(request, object_id)
+        response = HttpResponse(self.render_document_pdf(obj), content_type="application/pdf")
+        response["Content-Disposition"] = f'attachment; filename="{self.document_filename(obj)}.pdf"'
+        return response

@@ -23,6 +23,7 @@ from billing.admin.base import (
     Operation,
     OperationsMixin,
     ReadOnlyAdminMixin,
+    ReadOnlyInline,
     admin_link,
 )
 from billing.admin.ledger import CustomerFilter
@@ -161,36 +162,22 @@ class ContractPriceTierInline(admin.TabularInline):
         return self._draft(obj) and super().has_change_permission(request, obj)
 
 
-class _ReadOnlyInline(admin.TabularInline):
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-
-class ContractInstalmentInline(_ReadOnlyInline):
+class ContractInstalmentInline(ReadOnlyInline):
     model = ContractInstalment
     fields = ("index", "due_at", "credits", "unit_price", "amount", "invoice", "grant", "expires_at", "released_at")
-    readonly_fields = fields
 
 
-class TrueUpInline(_ReadOnlyInline):
+class TrueUpInline(ReadOnlyInline):
     model = TrueUp
     verbose_name_plural = "true-ups"
     fields = ("period_start", "period_end", "committed", "consumed", "overage_credits", "unit_price", "amount",
               "invoice", "settled_at")
-    readonly_fields = fields
 
 
-class ContractAmendmentInline(_ReadOnlyInline):
+class ContractAmendmentInline(ReadOnlyInline):
     model = ContractAmendment
     fields = ("kind", "effective_at", "credits", "list_price", "true_up_price", "months", "invoice", "grant",
               "note", "created_by", "created_at")
-    readonly_fields = fields
 
 
 @admin.register(Contract)

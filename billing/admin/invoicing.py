@@ -14,19 +14,20 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.widgets import AdminSplitDateTime, ForeignKeyRawIdWidget
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponse, HttpResponseRedirect
+from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
 
 from billing.admin.base import (
     AuditedAdminMixin,
     AuditHistoryMixin,
     BillingModelAdmin,
+    DocumentViewsMixin,
     Operation,
     OperationsMixin,
     ReadOnlyAdminMixin,
+    ReadOnlyInline,
     ServiceOnlyChangeMixin,
     admin_link,
     render_form_page,
@@ -117,22 +118,6 @@ def _record_payment(request, invoice, data):
                    provider_event_id=f"admin:{data['token']}", actor=request.user)
 
 
-class ReadOnlyInline(admin.TabularInline):
-    """Rows shown on their parent's page that only services write."""
-
-    extra = 0
-    can_delete = False
-
-    def get_readonly_fields(self, request, obj=None):
-        return self.fields
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-
 class InvoiceLineInline(ReadOnlyInline):
     model = InvoiceLine
     fields = ("position", "kind", "description", "quantity", "unit_price", "amount", "pack_purchase")
@@ -145,7 +130,11 @@ class PaymentInline(ReadOnlyInline):
 
 
 @admin.register(Invoice)
-class InvoiceAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMixin, BillingModelAdmin):
+class InvoiceAdmin(DocumentViewsMixin, ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMixin,
+                   BillingModelAdmin):
+    document_url_name = "billing_invoice"
+    render_document_html = staticmethod(render_html)
+    render_document_pdf = staticmethod(render_pdf)
     list_display = ("display_number", "customer_link", "status", "total", "amount_paid", "currency", "issued_at",
                     "due_at")
     list_display_links = ("display_number",)
@@ -198,33 +187,11 @@ class InvoiceAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMixin, B
     def amount_due(self, obj):
         return obj.amount_due
 
-    @admin.display(description="documents")
-    def documents(self, obj):
-        return format_html('<a href="{}">View</a> · <a href="{}">Download PDF</a>',
-                           reverse("admin:billing_invoice_html", args=[obj.pk]),
-                           reverse("admin:billing_invoice_pdf", args=[obj.pk]))
+    def document_filename(self, obj) -> str:
+        return obj.number or f"draft-{obj.pk}"
 
     def get_urls(self):
-        documents = [
-            path("<path:object_id>/html/", self.admin_site.admin_view(self.html_view), name="billing_invoice_html"),
-            path("<path:object_id>/pdf/", self.admin_site.admin_view(self.pdf_view), name="billing_invoice_pdf"),
-        ]
-        return documents + super().get_urls()
-
-    def _viewable(self, request, object_id) -> Invoice:
-        invoice = self.get_object(request, object_id)
-        if invoice is None or not self.has_view_or_change_permission(request, invoice):
-            raise PermissionDenied
-        return invoice
-
-    def html_view(self, request, object_id):
-        return HttpResponse(render_html(self._viewable(request, object_id)))
-
-    def pdf_view(self, request, object_id):
-        invoice = self._viewable(request, object_id)
-        response = HttpResponse(render_pdf(invoice), content_type="application/pdf")
-        response["Content-Disposition"] = f'attachment; filename="{invoice.number or f"draft-{invoice.pk}"}.pdf"'
-        return response
+        return self.document_urls() + super().get_urls()
 
     def add_view(self, request, form_url="", extra_context=None):
         """New draft invoice: ``invoice_create_draft``; lines are added on its page."""

@@ -19,11 +19,11 @@ from django.http import HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
 
 from billing.admin.base import (
     AuditHistoryMixin,
     BillingModelAdmin,
+    DocumentViewsMixin,
     Operation,
     OperationsMixin,
     ReadOnlyAdminMixin,
@@ -154,7 +154,10 @@ class RefundRequestAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMi
 
 
 @admin.register(CreditNote)
-class CreditNoteAdmin(ReadOnlyAdminMixin, AuditHistoryMixin, BillingModelAdmin):
+class CreditNoteAdmin(DocumentViewsMixin, ReadOnlyAdminMixin, AuditHistoryMixin, BillingModelAdmin):
+    document_url_name = "billing_creditnote"
+    render_document_html = staticmethod(render_html)
+    render_document_pdf = staticmethod(render_pdf)
     list_display = ("number", "customer_link", "grant_link", "invoice_link", "credits", "amount", "currency",
                     "issued_at")
     list_select_related = ("customer", "invoice")
@@ -183,18 +186,11 @@ class CreditNoteAdmin(ReadOnlyAdminMixin, AuditHistoryMixin, BillingModelAdmin):
     def invoice_link(self, obj):
         return admin_link(obj.invoice) if obj.invoice_id else "-"
 
-    @admin.display(description="documents")
-    def documents(self, obj):
-        return format_html('<a href="{}">View</a> · <a href="{}">Download PDF</a>',
-                           reverse("admin:billing_creditnote_html", args=[obj.pk]),
-                           reverse("admin:billing_creditnote_pdf", args=[obj.pk]))
-
     def get_urls(self):
         return [
             path("revenue-report/", self.admin_site.admin_view(self.revenue_report_view),
                  name="billing_revenue_report"),
-            path("<path:object_id>/html/", self.admin_site.admin_view(self.html_view), name="billing_creditnote_html"),
-            path("<path:object_id>/pdf/", self.admin_site.admin_view(self.pdf_view), name="billing_creditnote_pdf"),
+            *self.document_urls(),
         ] + super().get_urls()
 
     def changelist_view(self, request, extra_context=None):
@@ -203,21 +199,6 @@ class CreditNoteAdmin(ReadOnlyAdminMixin, AuditHistoryMixin, BillingModelAdmin):
             extra_context["changelist_buttons"] = [
                 {"label": "Revenue report", "url": reverse("admin:billing_revenue_report")}]
         return super().changelist_view(request, extra_context)
-
-    def _viewable(self, request, object_id) -> CreditNote:
-        note = self.get_object(request, object_id)
-        if note is None or not self.has_view_permission(request, note):
-            raise PermissionDenied
-        return note
-
-    def html_view(self, request, object_id):
-        return HttpResponse(render_html(self._viewable(request, object_id)))
-
-    def pdf_view(self, request, object_id):
-        note = self._viewable(request, object_id)
-        response = HttpResponse(render_pdf(note), content_type="application/pdf")
-        response["Content-Disposition"] = f'attachment; filename="{note.number}.pdf"'
-        return response
 
     def revenue_report_view(self, request):
         """The monthly revenue report (``?month=YYYY-MM&currency=USD``), ``&format=csv`` for the CSV."""
