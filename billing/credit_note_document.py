@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.template.loader import render_to_string
 from django.utils import timezone
-from reportlab.lib.pagesizes import A4
 from reportlab.lib.units import mm
 from reportlab.lib.utils import simpleSplit
-from reportlab.pdfgen import canvas
 
+from billing.document_pdf import LEFT, RIGHT, draw_page_head, pdf_bytes, pdf_canvas
 from billing.invoice_document import money, quantity_text
 from billing.models import CreditNote
 
@@ -57,31 +56,14 @@ def render_pdf(note: CreditNote, *, compress: bool = True) -> bytes:
     """A4 PDF of the credit note: header, the one refunded line, the amount credited."""
     doc = credit_note_document(note)
     buffer = io.BytesIO()
-    pdf = canvas.Canvas(buffer, pagesize=A4, pageCompression=1 if compress else 0)
-    pdf.setTitle(doc.title)
-    pdf.setAuthor(doc.seller)
-    width, height = A4
-    left, right = 20 * mm, width - 20 * mm
-    pdf.setFont("Helvetica-Bold", 16)
-    pdf.drawString(left, height - 25 * mm, doc.title)
-    pdf.setFont("Helvetica", 9)
-    pdf.drawRightString(right, height - 25 * mm, doc.seller)
-    y = height - 35 * mm
-    for label, value in (("Customer", f"{doc.customer_name} ({doc.customer_id})"), ("Issued", doc.issued),
-                         ("Original invoice", doc.original_invoice), ("Credits of grant", doc.grant),
-                         ("Currency", doc.currency)):
-        pdf.drawString(left, y, f"{label}:")
-        pdf.drawString(left + 35 * mm, y, value)
-        y -= 5 * mm
-    y -= 4 * mm
-    pdf.setFont("Helvetica-Bold", 9)
-    pdf.drawString(left, y, "Description")
-    pdf.drawRightString(left + 110 * mm, y, "Credits")
-    pdf.drawRightString(left + 145 * mm, y, "Unit price")
-    pdf.drawRightString(right, y, "Amount")
-    pdf.line(left, y - 2 * mm, right, y - 2 * mm)
-    pdf.setFont("Helvetica", 9)
-    y -= 7 * mm
+    pdf = pdf_canvas(buffer, title=doc.title, author=doc.seller, compress=compress)
+    left, right = LEFT, RIGHT
+    y = draw_page_head(
+        pdf, title=doc.title, seller=doc.seller, label_width=35 * mm,
+        fields=(("Customer", f"{doc.customer_name} ({doc.customer_id})"), ("Issued", doc.issued),
+                ("Original invoice", doc.original_invoice), ("Credits of grant", doc.grant),
+                ("Currency", doc.currency)),
+        columns=((left + 110 * mm, "Credits"), (left + 145 * mm, "Unit price"), (right, "Amount")))
     pdf.drawRightString(left + 110 * mm, y, doc.credits)
     pdf.drawRightString(left + 145 * mm, y, doc.unit_price)
     pdf.drawRightString(right, y, doc.amount)
@@ -97,6 +79,4 @@ def render_pdf(note: CreditNote, *, compress: bool = True) -> bytes:
         for part in simpleSplit(f"Reason: {doc.reason}", "Helvetica", 9, right - left):
             y -= 6 * mm
             pdf.drawString(left, y, part)
-    pdf.showPage()
-    pdf.save()
-    return buffer.getvalue()
+    return pdf_bytes(pdf, buffer)

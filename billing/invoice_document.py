@@ -12,11 +12,10 @@ from decimal import Decimal
 from django.conf import settings
 from django.template.loader import render_to_string
 from django.utils import timezone
-from reportlab.lib.pagesizes import A4
 from reportlab.lib.units import mm
 from reportlab.lib.utils import simpleSplit
-from reportlab.pdfgen import canvas
 
+from billing.document_pdf import LEFT, RIGHT, draw_page_head, pdf_bytes, pdf_canvas
 from billing.models import Invoice
 from billing.numbers import minor_units, round_money
 
@@ -94,34 +93,18 @@ def render_pdf(invoice: Invoice, *, compress: bool = True) -> bytes:
     """A4 PDF of the invoice; lines flow onto further pages as needed."""
     doc = invoice_document(invoice)
     buffer = io.BytesIO()
-    pdf = canvas.Canvas(buffer, pagesize=A4, pageCompression=1 if compress else 0)
-    pdf.setTitle(doc.title)
-    pdf.setAuthor(doc.seller)
-    width, height = A4
-    left, right, bottom = 20 * mm, width - 20 * mm, 25 * mm
+    pdf = pdf_canvas(buffer, title=doc.title, author=doc.seller, compress=compress)
+    left, right, bottom = LEFT, RIGHT, 25 * mm
     columns = (left, left + 95 * mm, left + 115 * mm, right)  # description, qty, unit price, amount (right edge)
 
     def header() -> float:
-        pdf.setFont("Helvetica-Bold", 16)
-        pdf.drawString(left, height - 25 * mm, doc.title)
-        pdf.setFont("Helvetica", 9)
-        pdf.drawRightString(right, height - 25 * mm, doc.seller)
-        y = height - 35 * mm
-        for label, value in (("Status", doc.status), ("Customer", f"{doc.customer_name} ({doc.customer_id})"),
-                             ("Billing email", doc.billing_email or "-"), ("Issued", doc.issued),
-                             ("Due", doc.due), ("Currency", doc.currency)):
-            pdf.drawString(left, y, f"{label}:")
-            pdf.drawString(left + 30 * mm, y, value)
-            y -= 5 * mm
-        y -= 4 * mm
-        pdf.setFont("Helvetica-Bold", 9)
-        pdf.drawString(columns[0], y, "Description")
-        pdf.drawRightString(columns[1] + 15 * mm, y, "Quantity")
-        pdf.drawRightString(columns[2] + 35 * mm, y, "Unit price")
-        pdf.drawRightString(columns[3], y, "Amount")
-        pdf.line(left, y - 2 * mm, right, y - 2 * mm)
-        pdf.setFont("Helvetica", 9)
-        return y - 7 * mm
+        return draw_page_head(
+            pdf, title=doc.title, seller=doc.seller, label_width=30 * mm,
+            fields=(("Status", doc.status), ("Customer", f"{doc.customer_name} ({doc.customer_id})"),
+                    ("Billing email", doc.billing_email or "-"), ("Issued", doc.issued), ("Due", doc.due),
+                    ("Currency", doc.currency)),
+            columns=((columns[1] + 15 * mm, "Quantity"), (columns[2] + 35 * mm, "Unit price"),
+                     (columns[3], "Amount")))
 
     y = header()
     for line in doc.lines:
@@ -153,6 +136,4 @@ def render_pdf(invoice: Invoice, *, compress: bool = True) -> bytes:
         for part in simpleSplit(doc.memo, "Helvetica", 9, right - left):
             y -= 5 * mm
             pdf.drawString(left, y, part)
-    pdf.showPage()
-    pdf.save()
-    return buffer.getvalue()
+    return pdf_bytes(pdf, buffer)
