@@ -16,14 +16,10 @@ from rest_framework.response import Response
 from billing.api.base import BALANCE_READ, ApiView, customer_not_found, errors
 from billing.api.inputs import MAX_ID_LENGTH, AwareDateTimeField, DecimalStringField, storable
 from billing.api.pagination import PAGE_PARAMETERS, page_request, paginate
-from billing.api.serializers import MAX_MONEY, credits_field, rate_field
+from billing.api.serializers import credits_field, money_field, rate_field
 from billing.errors import NotFound
 from billing.models import Contract, Customer
 from billing.services.contracts import contract_statement
-
-
-def money_field(**kwargs) -> DecimalStringField:
-    return DecimalStringField(places=4, maximum=MAX_MONEY, allow_zero=True, **kwargs)
 
 
 def percent_field(**kwargs) -> DecimalStringField:
