@@ -338,24 +338,28 @@ def invoice_email_send(*, invoice_id: int) -> bool:
     """Email an issued invoice to its billing email with the PDF attached, once:
     the invoice row is locked while sending and ``emailed_at`` set after, so a
     rerun (or a second worker) sends nothing more. True when sent now."""
-    from django.core.mail import EmailMessage
-    from django.template.loader import render_to_string
-
     from billing.invoice_document import invoice_document, render_pdf
 
     with transaction.atomic():
         invoice = lock_invoice(invoice_id)
         if invoice.emailed_at is not None or invoice.status == Invoice.Status.DRAFT or not invoice.billing_email:
             return False
-        doc = invoice_document(invoice)
-        message = EmailMessage(
-            subject=f"{doc.title} from {doc.seller}",
-            body=render_to_string("billing/invoices/email.txt", {"doc": doc}),
-            to=[invoice.billing_email],
-        )
-        message.attach(f"{invoice.number}.pdf", render_pdf(invoice), "application/pdf")
-        message.send()
-        invoice.emailed_at = timezone.now()
-        invoice.save(update_fields=["emailed_at"])
-        audit_record(action="invoice.email", obj=invoice, changes={"to": invoice.billing_email})
+        document_email(invoice, doc=invoice_document(invoice), body_template="billing/invoices/email.txt",
+                       pdf=render_pdf(invoice), action="invoice.email")
     return True
+
+
+def document_email(row, *, doc, body_template: str, pdf: bytes, action: str) -> None:
+    """Send a document (invoice, credit note) to ``row.billing_email`` with its
+    PDF attached, then set ``row.emailed_at`` and audit ``action``. The caller
+    holds the row's lock inside its transaction, so the row is emailed once."""
+    from django.core.mail import EmailMessage
+    from django.template.loader import render_to_string
+
+    message = EmailMessage(subject=f"{doc.title} from {doc.seller}",
+                           body=render_to_string(body_template, {"doc": doc}), to=[row.billing_email])
+    message.attach(f"{row.number}.pdf", pdf, "application/pdf")
+    message.send()
+    row.emailed_at = timezone.now()
+    row.save(update_fields=["emailed_at"])
+    audit_record(action=action, obj=row, changes={"to": row.billing_email})

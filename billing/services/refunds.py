@@ -23,7 +23,7 @@ from billing.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from billing.models import CreditGrant, CreditNote, Invoice, LedgerEntry, RefundRequest
 from billing.numbers import ZERO, round_credits, round_money
 from billing.services.audit import audit_record
-from billing.services.invoices import billing_profile
+from billing.services.invoices import billing_profile, document_email
 from billing.services.ledger import Movement, append_entries, watch_balance
 from billing.services.locks import lock_grants, lock_key, lock_wallet
 from billing.services.revenue import grant_figures_now, paid_grants
@@ -186,9 +186,6 @@ def credit_note_email_send(*, credit_note_id: int) -> bool:
     """Email a credit note to its billing email with the PDF attached, once: the
     note's row is locked while sending and ``emailed_at`` set after, so a rerun
     (or a second worker) sends nothing more. True when sent now."""
-    from django.core.mail import EmailMessage
-    from django.template.loader import render_to_string
-
     from billing.credit_note_document import credit_note_document, render_pdf
 
     with transaction.atomic():
@@ -196,15 +193,8 @@ def credit_note_email_send(*, credit_note_id: int) -> bool:
             pk=credit_note_id)
         if note.emailed_at is not None or not note.billing_email:
             return False
-        doc = credit_note_document(note)
-        message = EmailMessage(subject=f"{doc.title} from {doc.seller}",
-                               body=render_to_string("billing/credit_notes/email.txt", {"doc": doc}),
-                               to=[note.billing_email])
-        message.attach(f"{note.number}.pdf", render_pdf(note), "application/pdf")
-        message.send()
-        note.emailed_at = timezone.now()
-        note.save(update_fields=["emailed_at"])
-        audit_record(action="credit_note.email", obj=note, changes={"to": note.billing_email})
+        document_email(note, doc=credit_note_document(note), body_template="billing/credit_notes/email.txt",
+                       pdf=render_pdf(note), action="credit_note.email")
     return True
 
 
