@@ -564,6 +564,23 @@ def _live(contract: Contract, now: datetime) -> None:
         raise Conflict(f"{contract} ended its term on {contract.ends_at:%Y-%m-%d}.")
 
 
+def _lock_for_amendment(
+    contract_id: int, idempotency_key: str | None, kind: str, now: datetime, *,
+    effective_at: datetime | None = None, outside_term: str = "",
+) -> tuple[Contract, ContractAmendment | None]:
+    """Lock the contract and return it with the amendment ``idempotency_key``
+    already made (a rerun returns that one). Before a new amendment: Conflict
+    unless the contract is live, InvalidRequest ``outside_term`` when
+    ``effective_at`` is given and not within the term."""
+    contract = lock_contract(contract_id)
+    existing = _existing_amendment(contract, idempotency_key, kind)
+    if existing is None:
+        _live(contract, now)
+        if effective_at is not None and not contract.starts_at <= effective_at < contract.ends_at:
+            raise InvalidRequest(outside_term, details={"effective_at": "between the contract's start and end"})
+    return contract, existing
+
+
 def _contract_year_end(contract: Contract, at: datetime) -> datetime:
     month = 12
     while plus_months(contract, month) <= at:
@@ -586,11 +603,9 @@ def contract_renew(
     ended or inactive contract."""
     now = now or timezone.now()
     with transaction.atomic():
-        contract = lock_contract(contract_id)
-        existing = _existing_amendment(contract, idempotency_key, ContractAmendment.Kind.RENEWAL)
+        contract, existing = _lock_for_amendment(contract_id, idempotency_key, ContractAmendment.Kind.RENEWAL, now)
         if existing is not None:
             return existing
-        _live(contract, now)
         months = contract.term_months if months is None else months
         step = 3 if Contract.Cadence.QUARTERLY in (contract.payment_schedule, contract.true_up_cadence) else 1
         if not 1 <= months <= 120 or months % step:
@@ -677,14 +692,11 @@ def contract_add_credits(
         raise InvalidRequest("Add more than zero credits.", details={"credits": "must be > 0"})
     effective_at = effective_at or now
     with transaction.atomic():
-        contract = lock_contract(contract_id)
-        existing = _existing_amendment(contract, idempotency_key, ContractAmendment.Kind.ADD_CREDITS)
+        contract, existing = _lock_for_amendment(
+            contract_id, idempotency_key, ContractAmendment.Kind.ADD_CREDITS, now, effective_at=effective_at,
+            outside_term="Added credits take effect within the term.")
         if existing is not None:
             return existing
-        _live(contract, now)
-        if not contract.starts_at <= effective_at < contract.ends_at:
-            raise InvalidRequest("Added credits take effect within the term.",
-                                 details={"effective_at": "between the contract's start and end"})
         price = contract_price(contract, at=effective_at)
         amendment = ContractAmendment.objects.create(
             contract=contract, kind=ContractAmendment.Kind.ADD_CREDITS, effective_at=effective_at, credits=credits,
@@ -723,14 +735,11 @@ def contract_change_price(
         if value is not None and not ZERO <= Decimal(value) <= MAX_RATE:
             raise InvalidRequest("Prices are not negative.", details={field: "must be >= 0"})
     with transaction.atomic():
-        contract = lock_contract(contract_id)
-        existing = _existing_amendment(contract, idempotency_key, ContractAmendment.Kind.PRICE_CHANGE)
+        contract, existing = _lock_for_amendment(
+            contract_id, idempotency_key, ContractAmendment.Kind.PRICE_CHANGE, now, effective_at=effective_at,
+            outside_term="The new price takes effect within the term.")
         if existing is not None:
             return existing
-        _live(contract, now)
-        if not contract.starts_at <= effective_at < contract.ends_at:
-            raise InvalidRequest("The new price takes effect within the term.",
-                                 details={"effective_at": "between the contract's start and end"})
         if list_price is not None and contract.instalments.filter(released_at__isnull=False,
                                                                   due_at__gte=effective_at).exists():
             raise Conflict("An instalment due from that date was already billed; change the price from a later "
