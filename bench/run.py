@@ -464,6 +464,7 @@ def main() -> int:
                   flush=True)
     finally:
         server.stop()
+    load_after = os.getloadavg()[0]
     problems = check_books()
     report = table(outcomes)
     pg_version = ""
@@ -477,8 +478,8 @@ def main() -> int:
         f"clients: closed-loop keep-alive HTTP/1.1 (bench/load.py), {args.warmup:g} s warm-up + "
         f"{args.seconds:g} s measured per scenario; limit: pgbench -M prepared, same clients, "
         f"{args.seconds:g} s, scripts in bench/pgbench/.\n"
-        f"Load average (1 min) before the run: {load_before:.1f} (anything else running on these cores slows "
-        f"the API's Python more than pgbench).\n"
+        f"Load average (1 min) before the run: {load_before:.1f}, at its end: {load_after:.1f} (anything else "
+        f"running on these cores slows the API's Python more than pgbench).\n"
         f"Books after the run: {'consistent (every wallet: balance = entries = grants − overage)' if not problems else 'INCONSISTENT: ' + '; '.join(problems[:5])}."
     )
     print()
