@@ -78,16 +78,22 @@ def charge(wallet: Wallet, feature, quantity: str, event_id: str):
                                       quantity=Decimal(quantity), event_id=event_id))
 
 
+def subscribed(name: str, plan: Plan) -> tuple[Wallet, Subscription]:
+    """A new UTC customer ``name`` subscribed to ``plan`` from 2026-04-01 00:00,
+    with its default wallet as loaded before the subscription started."""
+    customer = make_customer(name, timezone_name="UTC")
+    wallet = default_wallet(customer)
+    with at(utc(2026, 4, 1)):
+        return wallet, subscription_start(customer=customer, plan=plan)
+
+
 def lines(invoice: Invoice) -> list[tuple[str, str, Decimal]]:
     return [(line.kind, line.description, line.amount) for line in invoice.lines.all()]
 
 
 def test_upgrade_halfway_bills_the_proration_and_grants_half_the_extra_credits(plans, feature):
     basic, pro = plans
-    customer = make_customer("upgrader", timezone_name="UTC")
-    wallet = default_wallet(customer)
-    with at(utc(2026, 4, 1, 0)):
-        subscription = subscription_start(customer=customer, plan=basic)
+    wallet, subscription = subscribed("upgrader", basic)
     with at(utc(2026, 4, 10)):
         charge(wallet, feature, "400", "e1")
     with at(utc(2026, 4, 16)):  # 15 of April's 30 days left: exactly half
@@ -125,10 +131,7 @@ def test_upgrade_halfway_bills_the_proration_and_grants_half_the_extra_credits(p
 
 def test_downgrade_takes_back_only_unused_credits_and_credits_the_fee(plans, feature):
     basic, pro = plans
-    customer = make_customer("downgrader", timezone_name="UTC")
-    wallet = default_wallet(customer)
-    with at(utc(2026, 4, 1)):
-        subscription = subscription_start(customer=customer, plan=pro)
+    wallet, subscription = subscribed("downgrader", pro)
     with at(utc(2026, 4, 20)):
         charge(wallet, feature, "2800", "e1")
     with at(utc(2026, 4, 23, 12)):  # 7.5 of 30 days left
@@ -151,10 +154,7 @@ def test_downgrade_takes_back_only_unused_credits_and_credits_the_fee(plans, fea
 
 def test_switching_from_overdraft_to_block_bills_the_overage_at_the_old_price(plans, feature):
     basic, pro = plans
-    customer = make_customer("switcher", timezone_name="UTC")
-    wallet = default_wallet(customer)
-    with at(utc(2026, 4, 1)):
-        subscription = subscription_start(customer=customer, plan=pro)
+    wallet, subscription = subscribed("switcher", pro)
     with at(utc(2026, 4, 5)):
         charge(wallet, feature, "3300", "e1")
     wallet.refresh_from_db()
@@ -181,9 +181,7 @@ def test_plan_change_refusals(plans):
     euro = Plan.objects.create(code="euro", name="Euro", currency="EUR", base_fee=Decimal("10"))
     annual = Plan.objects.create(code="annual", name="Annual", period=Plan.Period.ANNUAL, base_fee=Decimal("300"))
     retired = Plan.objects.create(code="retired", name="Retired", active=False)
-    customer = make_customer("refused", timezone_name="UTC")
-    with at(utc(2026, 4, 1)):
-        subscription = subscription_start(customer=customer, plan=basic)
+    _, subscription = subscribed("refused", basic)
     with at(utc(2026, 4, 10)):
         for plan in (basic, euro, annual, retired):
             with pytest.raises(InvalidRequest):
@@ -201,10 +199,7 @@ def test_plan_change_refusals(plans):
 
 def test_cancel_now_bills_to_date_voids_the_included_credits_and_ends_it(plans, feature):
     basic, pro = plans
-    customer = make_customer("leaver", timezone_name="UTC")
-    wallet = default_wallet(customer)
-    with at(utc(2026, 4, 1)):
-        subscription = subscription_start(customer=customer, plan=pro)
+    wallet, subscription = subscribed("leaver", pro)
     with at(utc(2026, 4, 5)):
         charge(wallet, feature, "3100", "e1")
     with at(utc(2026, 4, 11)):  # 20 of 30 days unused
@@ -228,9 +223,7 @@ def test_cancel_now_bills_to_date_voids_the_included_credits_and_ends_it(plans, 
 
 def test_unused_included_credits_are_voided_when_cancelled_now(plans):
     basic, _ = plans
-    customer = make_customer("quitter", timezone_name="UTC")
-    with at(utc(2026, 4, 1)):
-        subscription = subscription_start(customer=customer, plan=basic)
+    _, subscription = subscribed("quitter", basic)
     with at(utc(2026, 4, 16)):
         subscription_cancel(subscription_id=subscription.pk, at_period_end=False)
     grant = subscription.periods.get(index=0).included_grant
@@ -244,9 +237,7 @@ def test_a_trial_bills_no_fee_for_its_days_and_turns_active_when_over(plans):
     basic, _ = plans
     basic.trial_days = 15
     basic.save()
-    customer = make_customer("trialist", timezone_name="UTC")
-    with at(utc(2026, 4, 1)):
-        subscription = subscription_start(customer=customer, plan=basic)
+    _, subscription = subscribed("trialist", basic)
     assert (subscription.status, subscription.trial_ends_at) == (Subscription.Status.TRIALING, utc(2026, 4, 16))
     with at(utc(2026, 4, 15)):
         assert subscriptions_refresh_status() == 0
@@ -266,9 +257,7 @@ def test_a_trial_bills_no_fee_for_its_days_and_turns_active_when_over(plans):
 
 def test_an_overdue_period_invoice_makes_it_past_due_until_paid(plans):
     basic, _ = plans
-    customer = make_customer("late", timezone_name="UTC")
-    with at(utc(2026, 4, 1)):
-        subscription = subscription_start(customer=customer, plan=basic)
+    _, subscription = subscribed("late", basic)
     with at(utc(2026, 5, 1, 0, 5)):
         subscriptions_close_due()
     invoice = subscription.periods.get(index=0).invoice
