@@ -331,6 +331,29 @@ def render_form_page(model_admin, request, form, *, title: str, submit: str, int
     return TemplateResponse(request, "admin/billing/form_page.html", context)
 
 
+def service_add_view(model_admin, request, *, form_class, initial_field: str, create: Callable[[dict], object],
+                     success: Callable[[object], str], title: str, submit: str, intro: str = ""):
+    """An add page that is one service call: ``form_class`` (``initial_field``
+    prefilled from the query string), its cleaned data given to ``create``
+    through ``run_service``; when that returns the new row, the ``success(row)``
+    message and the row's change page. 403 without the add permission."""
+    if not model_admin.has_add_permission(request):
+        raise PermissionDenied
+    if request.method == "POST":
+        form = form_class(request.POST, admin_site=model_admin.admin_site)
+        if form.is_valid():
+            data = form.cleaned_data
+            obj = run_service(request, lambda: create(data))
+            if obj is not None:
+                messages.success(request, success(obj))
+                opts = model_admin.opts
+                return HttpResponseRedirect(reverse(f"admin:{opts.app_label}_{opts.model_name}_change",
+                                                    args=[obj.pk]))
+    else:
+        form = form_class(initial={initial_field: request.GET.get(initial_field)}, admin_site=model_admin.admin_site)
+    return render_form_page(model_admin, request, form, title=title, submit=submit, intro=intro)
+
+
 class ServiceOnlyChangeMixin:
     """A change page that shows the object's operation buttons and never saves
     the form: rows like grants and invoices change only through services, and a

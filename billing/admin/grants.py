@@ -22,6 +22,7 @@ from billing.admin.base import (
     pk_link,
     render_form_page,
     run_service,
+    service_add_view,
 )
 from billing.admin.revenue_panels import revenue_schedule_context
 from billing.forms import (
@@ -249,19 +250,10 @@ class AdjustmentAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMixin
 
     def add_view(self, request, form_url="", extra_context=None):
         """Request an adjustment: ``adjustment_request``; another approver applies it."""
-        if not self.has_add_permission(request):
-            raise PermissionDenied
-        if request.method == "POST":
-            form = AdjustmentRequestForm(request.POST, admin_site=self.admin_site)
-            if form.is_valid():
-                data = form.cleaned_data
-                adjustment = run_service(request, lambda: adjustment_request(
-                    wallet=data["wallet"], amount=data["amount"], reason=data["reason"],
-                    requested_by=request.user))
-                if adjustment is not None:
-                    messages.success(request, f"{adjustment} requested; another approver must approve it.")
-                    return HttpResponseRedirect(reverse("admin:billing_adjustment_change", args=[adjustment.pk]))
-        else:
-            form = AdjustmentRequestForm(initial={"wallet": request.GET.get("wallet")}, admin_site=self.admin_site)
-        return render_form_page(self, request, form, title="Request an adjustment", submit="Request adjustment",
-                                intro="Adjustments always wait for a second person's approval.")
+        return service_add_view(
+            self, request, form_class=AdjustmentRequestForm, initial_field="wallet",
+            create=lambda data: adjustment_request(
+                wallet=data["wallet"], amount=data["amount"], reason=data["reason"], requested_by=request.user),
+            success=lambda adjustment: f"{adjustment} requested; another approver must approve it.",
+            title="Request an adjustment", submit="Request adjustment",
+            intro="Adjustments always wait for a second person's approval.")

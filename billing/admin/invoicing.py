@@ -30,8 +30,8 @@ from billing.admin.base import (
     ReadOnlyInline,
     ServiceOnlyChangeMixin,
     admin_link,
-    render_form_page,
     run_service,
+    service_add_view,
 )
 from billing.admin.ledger import CustomerFilter
 from billing.forms import ReasonForm, SubmissionTokenMixin
@@ -195,22 +195,13 @@ class InvoiceAdmin(DocumentViewsMixin, ServiceOnlyChangeMixin, OperationsMixin, 
 
     def add_view(self, request, form_url="", extra_context=None):
         """New draft invoice: ``invoice_create_draft``; lines are added on its page."""
-        if not self.has_add_permission(request):
-            raise PermissionDenied
-        if request.method == "POST":
-            form = InvoiceDraftForm(request.POST, admin_site=self.admin_site)
-            if form.is_valid():
-                data = form.cleaned_data
-                invoice = run_service(request, lambda: invoice_create_draft(
-                    customer=data["customer"], tax_rate=data["tax_rate"], net_terms_days=data["net_terms_days"],
-                    memo=data["memo"], actor=request.user))
-                if invoice is not None:
-                    messages.success(request, f"{invoice} created: add its lines, then issue it.")
-                    return HttpResponseRedirect(reverse("admin:billing_invoice_change", args=[invoice.pk]))
-        else:
-            form = InvoiceDraftForm(initial={"customer": request.GET.get("customer")}, admin_site=self.admin_site)
-        return render_form_page(self, request, form, title="New draft invoice", submit="Create draft",
-                                intro="The invoice gets its number when it is issued.")
+        return service_add_view(
+            self, request, form_class=InvoiceDraftForm, initial_field="customer",
+            create=lambda data: invoice_create_draft(
+                customer=data["customer"], tax_rate=data["tax_rate"], net_terms_days=data["net_terms_days"],
+                memo=data["memo"], actor=request.user),
+            success=lambda invoice: f"{invoice} created: add its lines, then issue it.",
+            title="New draft invoice", submit="Create draft", intro="The invoice gets its number when it is issued.")
 
 
 @admin.register(BillingProfile)
@@ -388,25 +379,15 @@ class SubscriptionAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMix
 
     def add_view(self, request, form_url="", extra_context=None):
         """Put a customer on a plan: ``subscription_start`` grants the first period's credits."""
-        if not self.has_add_permission(request):
-            raise PermissionDenied
-        if request.method == "POST":
-            form = SubscriptionStartForm(request.POST, admin_site=self.admin_site)
-            if form.is_valid():
-                data = form.cleaned_data
-                subscription = run_service(request, lambda: subscription_start(
-                    customer=data["customer"], plan=data["plan"], wallet=data["wallet"], start_at=data["start_at"],
-                    actor=request.user))
-                if subscription is not None:
-                    messages.success(request, f"{subscription} started.")
-                    return HttpResponseRedirect(reverse("admin:billing_subscription_change",
-                                                        args=[subscription.pk]))
-        else:
-            form = SubscriptionStartForm(initial={"customer": request.GET.get("customer")},
-                                         admin_site=self.admin_site)
-        return render_form_page(self, request, form, title="Put a customer on a plan", submit="Start subscription",
-                                intro="The plan's included credits for the first period are granted at once; a plan "
-                                      "with trial days starts trialing.")
+        return service_add_view(
+            self, request, form_class=SubscriptionStartForm, initial_field="customer",
+            create=lambda data: subscription_start(
+                customer=data["customer"], plan=data["plan"], wallet=data["wallet"], start_at=data["start_at"],
+                actor=request.user),
+            success=lambda subscription: f"{subscription} started.",
+            title="Put a customer on a plan", submit="Start subscription",
+            intro="The plan's included credits for the first period are granted at once; a plan with trial days "
+                  "starts trialing.")
 
 
 @admin.register(SubscriptionPeriod)

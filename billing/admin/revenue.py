@@ -12,10 +12,10 @@ import csv
 from datetime import date
 
 from django import forms
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.contrib.admin.widgets import ForeignKeyRawIdWidget
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponse, HttpResponseRedirect
+from django.http import HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
@@ -30,8 +30,7 @@ from billing.admin.base import (
     ServiceOnlyChangeMixin,
     admin_link,
     pk_link,
-    render_form_page,
-    run_service,
+    service_add_view,
 )
 from billing.admin.ledger import CustomerFilter
 from billing.admin.revenue_panels import REPORT_PERMISSION
@@ -134,23 +133,14 @@ class RefundRequestAdmin(ServiceOnlyChangeMixin, OperationsMixin, AuditHistoryMi
 
     def add_view(self, request, form_url="", extra_context=None):
         """Request a refund: ``refund_request``; another approver carries it out."""
-        if not self.has_add_permission(request):
-            raise PermissionDenied
-        if request.method == "POST":
-            form = RefundRequestForm(request.POST, admin_site=self.admin_site)
-            if form.is_valid():
-                data = form.cleaned_data
-                refund = run_service(request, lambda: refund_request(
-                    grant_id=data["grant"].pk, credits=None if data["all_unused"] else data["credits"],
-                    reason=data["reason"], requested_by=request.user))
-                if refund is not None:
-                    messages.success(request, f"{refund} requested; another approver must approve it.")
-                    return HttpResponseRedirect(reverse("admin:billing_refundrequest_change", args=[refund.pk]))
-        else:
-            form = RefundRequestForm(initial={"grant": request.GET.get("grant")}, admin_site=self.admin_site)
-        return render_form_page(self, request, form, title="Request a refund of unused credits",
-                                submit="Request refund",
-                                intro="Money = credits × the grant's cost basis. A second person approves it.")
+        return service_add_view(
+            self, request, form_class=RefundRequestForm, initial_field="grant",
+            create=lambda data: refund_request(
+                grant_id=data["grant"].pk, credits=None if data["all_unused"] else data["credits"],
+                reason=data["reason"], requested_by=request.user),
+            success=lambda refund: f"{refund} requested; another approver must approve it.",
+            title="Request a refund of unused credits", submit="Request refund",
+            intro="Money = credits × the grant's cost basis. A second person approves it.")
 
 
 @admin.register(CreditNote)
