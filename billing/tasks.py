@@ -31,6 +31,17 @@ OUTBOX_REDELIVERY_AGE = timedelta(minutes=1)
 OUTBOX_BATCH = 500
 
 
+def _counted_job(name: str, service, *, counted: str) -> int:
+    """Run ``service(now=..., progress=...)`` as the job ``name``: its total is
+    the steps it reported, its note the count it returned (as ``counted``)."""
+    now = timezone.now()
+    with job_run(name) as job:
+        count = service(now=now, progress=job.advance)
+        job.set_total(job.run.done)
+        job.note(**{counted: count, "as_of": now.isoformat()})
+    return count
+
+
 @shared_task(name="billing.tasks.grants_expire_due", **RETRYING)
 def grants_expire_due() -> int:
     """Write the expiry entries of every grant past its expiry. Returns how many expired now."""
@@ -106,12 +117,7 @@ def subscriptions_refresh_status() -> int:
     """Trials that ended turn active, overdue period invoices make subscriptions past_due. Returns how many changed."""
     from billing.services.plans import subscriptions_refresh_status as refresh
 
-    now = timezone.now()
-    with job_run("subscriptions_refresh_status") as job:
-        changed = refresh(now=now, progress=job.advance)
-        job.set_total(job.run.done)
-        job.note(changed=changed, as_of=now.isoformat())
-    return changed
+    return _counted_job("subscriptions_refresh_status", refresh, counted="changed")
 
 
 @shared_task(name="billing.tasks.contracts_run_due", **RETRYING)
@@ -119,12 +125,7 @@ def contracts_run_due() -> int:
     """Release every due contract instalment and settle every due true-up, in date order. Returns the steps run."""
     from billing.services.contracts import contracts_run_due as run_due
 
-    now = timezone.now()
-    with job_run("contracts_run_due") as job:
-        steps = run_due(now=now, progress=job.advance)
-        job.set_total(job.run.done)
-        job.note(steps=steps, as_of=now.isoformat())
-    return steps
+    return _counted_job("contracts_run_due", run_due, counted="steps")
 
 
 @shared_task(name="billing.tasks.revenue_check", **RETRYING)
