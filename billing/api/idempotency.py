@@ -15,7 +15,6 @@ import json
 from collections.abc import Callable
 
 from django.db import transaction
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework.response import Response
 
@@ -30,7 +29,7 @@ STORED_STATUSES = {402, 409}
 
 def idempotency_parameter(required: bool = True) -> OpenApiParameter:
     return OpenApiParameter(
-        HEADER, OpenApiTypes.STR, OpenApiParameter.HEADER, required=required,
+        HEADER, {"type": "string", "minLength": 1, "maxLength": 255}, OpenApiParameter.HEADER, required=required,
         description="Client id for this effect (1..255 characters). A replay with the same payload returns the "
         "first response; a different payload gets 409 idempotency_conflict.",
     )

@@ -23,7 +23,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
 PAGE_PARAMETERS = [
-    OpenApiParameter("limit", OpenApiTypes.INT, OpenApiParameter.QUERY,
+    OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, OpenApiParameter.QUERY,
                      description=f"Page size, 1..{MAX_LIMIT} (default {DEFAULT_LIMIT})."),
     OpenApiParameter("cursor", OpenApiTypes.STR, OpenApiParameter.QUERY,
                      description="The `next_cursor` of the previous page."),

@@ -91,3 +91,17 @@ def test_schema_and_docs_are_public_and_describe_every_endpoint():
 def test_schema_validates_without_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
     assert "/api/v1/usage/batch" in (tmp_path / "schema.yaml").read_text()
+
+
+@pytest.mark.django_db
+def test_schema_states_the_limits_the_api_enforces():
+    """What the API refuses with 400 the schema does not offer as valid (found by fuzzing the schema)."""
+    schema = yaml.safe_load(Client().get("/api/v1/schema/").content)
+    ledger = schema["paths"]["/api/v1/customers/{external_id}/ledger"]["get"]["parameters"]
+    limit = next(p for p in ledger if p["name"] == "limit")["schema"]
+    assert (limit["minimum"], limit["maximum"]) == (1, 500)
+    grants = schema["paths"]["/api/v1/customers/{external_id}/grants"]["post"]["parameters"]
+    assert next(p for p in grants if p["name"] == "Idempotency-Key")["schema"]["minLength"] == 1
+    body = schema["paths"]["/api/v1/customers"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    created = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert created["properties"]["external_id"]["minLength"] == 1 and created["properties"]["name"]["minLength"] == 1
