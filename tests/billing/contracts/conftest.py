@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+import time_machine
 
-from billing.services.contracts import contract_create
+from billing.services.contracts import contract_activate, contract_create
 from billing.services.grants import default_wallet
 from billing.services.usage import ChargeRequest, usage_charge
 from tests.factories import make_customer, make_feature
@@ -54,3 +55,10 @@ def tiered_contract(customer, **overrides):
     }
     terms.update(overrides)
     return contract_create(**terms)
+
+
+def active_contract(customer, **overrides):
+    """``tiered_contract`` activated at ``START`` (its first instalment released)."""
+    contract = tiered_contract(customer, **overrides)
+    with time_machine.travel(START, tick=False):
+        return contract_activate(contract_id=contract.pk)

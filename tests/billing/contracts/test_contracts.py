@@ -35,7 +35,7 @@ from billing.services.contracts import (
     contract_true_up_settle,
     contracts_run_due,
 )
-from tests.billing.contracts.conftest import START, at, charge, tiered_contract
+from tests.billing.contracts.conftest import START, active_contract, at, charge, tiered_contract
 from tests.conftest import assert_ledger_consistent
 
 pytestmark = pytest.mark.django_db
@@ -74,9 +74,7 @@ def test_activation_releases_the_first_instalment_at_the_tiered_discounted_price
 
 
 def test_a_year_with_overage_runs_to_an_exact_true_up_once(customer, wallet, feature):
-    contract = tiered_contract(customer, true_up_price=Decimal("0.012"))
-    with time_machine.travel(START, tick=False):
-        contract = contract_activate(contract_id=contract.pk)
+    contract = active_contract(customer, true_up_price=Decimal("0.012"))
     with time_machine.travel(at(2026, 3, 20), tick=False):
         charge(wallet, feature, "60000", "q1")  # 10,000 beyond the first instalment: overdraft
     wallet.refresh_from_db()
@@ -191,10 +189,8 @@ def test_instalments_wait_for_their_due_date_and_for_an_earlier_true_up(customer
 
 
 def test_statement_projects_consumption_and_the_true_up_from_the_burn_rate(customer, wallet, feature):
-    contract = tiered_contract(customer, payment_schedule=Contract.PaymentSchedule.UPFRONT,
+    contract = active_contract(customer, payment_schedule=Contract.PaymentSchedule.UPFRONT,
                                true_up_price=Decimal("0.01"))
-    with time_machine.travel(START, tick=False):
-        contract = contract_activate(contract_id=contract.pk)
     with time_machine.travel(at(2026, 1, 6), tick=False):
         charge(wallet, feature, "10000", "first-days")
     with time_machine.travel(at(2026, 1, 11), tick=False):
@@ -213,9 +209,7 @@ def test_statement_projects_consumption_and_the_true_up_from_the_burn_rate(custo
 
 
 def test_statement_counts_unreleased_instalments_and_outstanding_overage(customer, wallet, feature):
-    contract = tiered_contract(customer, true_up_price=Decimal("0.01"))
-    with time_machine.travel(START, tick=False):
-        contract = contract_activate(contract_id=contract.pk)
+    contract = active_contract(customer, true_up_price=Decimal("0.01"))
     with time_machine.travel(at(2026, 1, 31), tick=False):
         charge(wallet, feature, "62000", "january")
     with time_machine.travel(at(2026, 2, 1), tick=False):
@@ -296,9 +290,7 @@ def test_amendment_adds_credits_with_a_grant_and_an_invoice(customer, wallet, fe
 
 
 def test_price_change_applies_to_instalments_from_its_date(customer, wallet):
-    contract = tiered_contract(customer)
-    with time_machine.travel(START, tick=False):
-        contract = contract_activate(contract_id=contract.pk)
+    contract = active_contract(customer)
     with time_machine.travel(at(2026, 3, 1), tick=False):
         with pytest.raises(Conflict):
             contract_change_price(contract_id=contract.pk, effective_at=START, list_price=Decimal("0.02"))
@@ -314,9 +306,7 @@ def test_price_change_applies_to_instalments_from_its_date(customer, wallet):
 
 
 def test_a_spend_commitment_buys_its_credits_at_the_tier_it_reaches(customer, wallet):
-    contract = tiered_contract(customer, committed_credits=None, committed_spend=Decimal("1620.00"))
-    with time_machine.travel(START, tick=False):
-        contract = contract_activate(contract_id=contract.pk)
+    contract = active_contract(customer, committed_credits=None, committed_spend=Decimal("1620.00"))
     contract.refresh_from_db()
     assert contract.committed_credits == Decimal("200000")
     assert contract.instalments.get(index=0).amount == Decimal("405.00")
