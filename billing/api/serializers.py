@@ -15,6 +15,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from billing.api.inputs import (
@@ -65,6 +66,8 @@ def id_field(**kwargs) -> StrictCharField:
     return StrictCharField(max_length=MAX_ID_LENGTH, **kwargs)
 
 
+@extend_schema_field({"type": "object", "additionalProperties": True,
+                     "description": "Free-form object (team, model, user …), at most 16 KB as JSON."})
 class PropertiesField(serializers.JSONField):
     def to_internal_value(self, data):
         try:

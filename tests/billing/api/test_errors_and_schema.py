@@ -105,3 +105,7 @@ def test_schema_states_the_limits_the_api_enforces():
     body = schema["paths"]["/api/v1/customers"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     created = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
     assert created["properties"]["external_id"]["minLength"] == 1 and created["properties"]["name"]["minLength"] == 1
+    capture = schema["paths"]["/api/v1/reservations/{reservation_id}/capture"]["post"]["requestBody"]
+    captured = schema["components"]["schemas"][
+        capture["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert captured["properties"]["properties"]["type"] == "object"  # null is refused, so not offered
