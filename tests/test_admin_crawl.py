@@ -161,3 +161,22 @@ def test_every_add_form_refuses_an_empty_or_junk_submission_without_a_server_err
         if model._default_manager.count() != before:
             crawl.failures.append((f"POST {url}", "created a row from an empty or junk form"))
     assert crawl.failures == []
+
+
+def test_every_change_form_answers_an_empty_or_junk_submission_without_a_server_error(_seeded, db):
+    """The superuser posts an empty and a junk form to one row of every model: form errors (200), a saved
+    row (302) or a refusal (403), never a 500."""
+    crawl = Crawl("admin")
+    junk = {"amount": "abc", "credits_per_unit": "-1e999", "monthly_limit": "∞", "currency": "EURO",
+            "email": "not-an-email", "name": "\x00", "expires_at_0": "2026-02-30", "expires_at_1": "25:61"}
+    for model in admin.site._registry:
+        pk = model._default_manager.order_by("-pk").values_list("pk", flat=True).first()
+        if pk is None:
+            continue
+        url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_change", args=[pk])
+        for data in ({}, junk):
+            crawl.seen += 1
+            response = crawl.client.post(url, data)
+            if response.status_code not in (200, 302, 403):
+                crawl.failures.append((f"POST {url} {sorted(data)}", response.status_code))
+    assert crawl.failures == []
