@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.template.loader import render_to_string
-from django.utils import timezone
 from reportlab.lib.units import mm
 from reportlab.lib.utils import simpleSplit
 
 from billing.document_pdf import LEFT, RIGHT, draw_page_head, pdf_bytes, pdf_canvas
-from billing.invoice_document import money, quantity_text
+from billing.invoice_document import date_text, money, price_text, quantity_text
 from billing.models import CreditNote
 
 
@@ -40,10 +39,10 @@ def credit_note_document(note: CreditNote) -> CreditNoteDocument:
     return CreditNoteDocument(
         title=f"Credit note {note.number}", number=note.number, seller=settings.CREDITDESK_INVOICE_SELLER,
         customer_name=note.customer.name, customer_id=note.customer.external_id,
-        issued=timezone.localtime(note.issued_at).strftime("%Y-%m-%d"),
+        issued=date_text(note.issued_at),
         original_invoice=note.invoice.number if note.invoice_id and note.invoice.number else "-",
         grant=f"#{note.grant_id}", currency=cur, description=note.description,
-        credits=quantity_text(note.credits), unit_price=f"{note.unit_price.normalize():f} {cur}",
+        credits=quantity_text(note.credits), unit_price=price_text(note.unit_price, cur),
         amount=money(note.amount, cur), reason=note.reason,
     )
 

@@ -30,6 +30,16 @@ def quantity_text(value: Decimal) -> str:
     return f"{value.normalize():f}"
 
 
+def price_text(value: Decimal, currency: str) -> str:
+    """A price per unit as stored (``0.0081 USD``), not rounded to the currency."""
+    return f"{quantity_text(value)} {currency}"
+
+
+def date_text(value) -> str:
+    """The local date of a moment, ``-`` when there is none."""
+    return timezone.localtime(value).strftime("%Y-%m-%d") if value else "-"
+
+
 @dataclass(frozen=True)
 class DocumentLine:
     kind: str
@@ -61,15 +71,11 @@ class InvoiceDocument:
     memo: str
 
 
-def _date(value) -> str:
-    return timezone.localtime(value).strftime("%Y-%m-%d") if value else "-"
-
-
 def invoice_document(invoice: Invoice) -> InvoiceDocument:
     cur = invoice.currency
     lines = [
         DocumentLine(kind=line.get_kind_display(), description=line.description,
-                     quantity=quantity_text(line.quantity), unit_price=f"{line.unit_price.normalize():f} {cur}",
+                     quantity=quantity_text(line.quantity), unit_price=price_text(line.unit_price, cur),
                      amount=money(line.amount, cur))
         for line in invoice.lines.order_by("position", "pk")
     ]
@@ -78,7 +84,7 @@ def invoice_document(invoice: Invoice) -> InvoiceDocument:
         title=f"Invoice {number}", number=number, status=invoice.get_status_display(),
         seller=settings.CREDITDESK_INVOICE_SELLER, customer_name=invoice.customer.name,
         customer_id=invoice.customer.external_id, billing_email=invoice.billing_email,
-        issued=_date(invoice.issued_at), due=_date(invoice.due_at), currency=cur, lines=lines,
+        issued=date_text(invoice.issued_at), due=date_text(invoice.due_at), currency=cur, lines=lines,
         subtotal=money(invoice.subtotal, cur), tax_label=f"Tax ({invoice.tax_rate.normalize():f}%)",
         tax=money(invoice.tax, cur), total=money(invoice.total, cur), paid=money(invoice.amount_paid, cur),
         amount_due=money(invoice.amount_due, cur), memo=invoice.memo,
