@@ -325,6 +325,7 @@ def subscription_period_close(
                          actor_label=actor_label)
         if subscription.cancel_at_period_end:
             subscription.status, subscription.canceled_at = Subscription.Status.CANCELED, now
+            _end_overdraft(subscription)
         else:
             _open_period(subscription, index=period.index + 1, effective_at=period.ends_at, actor=actor,
                          actor_label=actor_label)
@@ -338,6 +339,20 @@ def subscription_period_close(
             "subscription": subscription.pk, "period": period.index,
             "invoice": invoice.pk if invoice else None, "overage_credits": str(period.overage_credits)})
     return period
+
+
+def _end_overdraft(subscription: Subscription) -> None:
+    """A canceled subscription's wallet goes back to ``block`` with no credit
+    limit: the plan's overdraft ends with it, since no later period would bill
+    overage run up after the last invoice."""
+    wallet = lock_wallet(subscription.wallet_id)
+    if wallet.policy == Wallet.Policy.BLOCK and wallet.credit_limit == ZERO:
+        return
+    before = {"policy": wallet.policy, "credit_limit": wallet.credit_limit}
+    wallet.policy, wallet.credit_limit = Wallet.Policy.BLOCK, ZERO
+    wallet.save(update_fields=["policy", "credit_limit"])
+    audit_record(action="wallet.policy", actor_label="subscription canceled", obj=wallet,
+                 changes={"before": before, "after": {"policy": wallet.policy, "credit_limit": ZERO}})
 
 
 def _roll_over(subscription: Subscription, period: SubscriptionPeriod, grant_ids: list[int]) -> CreditGrant | None:
@@ -427,6 +442,7 @@ def subscription_cancel(
         invoice = _close(subscription, period, now=now, ended_at=now, actor=actor, actor_label=actor_label)
         subscription.status, subscription.canceled_at = Subscription.Status.CANCELED, now
         subscription.cancel_at_period_end = False
+        _end_overdraft(subscription)
         subscription.save(update_fields=["status", "canceled_at", "cancel_at_period_end"])
         audit_record(actor=actor, actor_label=actor_label, action="subscription.cancel_now", obj=subscription,
                      changes={"at": now.isoformat(), "invoice": invoice.number if invoice else None})

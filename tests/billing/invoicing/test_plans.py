@@ -136,7 +136,9 @@ def test_closing_twice_bills_once_and_cancel_at_period_end_stops_the_grants(plan
     assert subscription.status == Subscription.Status.CANCELED
     assert Invoice.objects.filter(customer=customer).count() == 1
     assert CreditGrant.objects.filter(wallet__customer=customer, kind="included").count() == 1
-    assert wallet_balance(default_wallet(customer)).grants == []
+    wallet = default_wallet(customer)
+    assert wallet_balance(wallet).grants == []
+    assert (wallet.policy, wallet.credit_limit) == ("block", 0), "the plan's overdraft ends with the subscription"
 
 
 def test_a_close_killed_midway_leaves_nothing_and_the_rerun_bills_once(plan):

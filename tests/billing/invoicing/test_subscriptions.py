@@ -80,7 +80,7 @@ def charge(wallet: Wallet, feature, quantity: str, event_id: str):
 
 def subscribed(name: str, plan: Plan) -> tuple[Wallet, Subscription]:
     """A new UTC customer ``name`` subscribed to ``plan`` from 2026-04-01 00:00,
-    with its default wallet as loaded before the subscription started."""
+    and its default wallet."""
     customer = make_customer(name, timezone_name="UTC")
     wallet = default_wallet(customer)
     with at(utc(2026, 4, 1)):
@@ -215,6 +215,8 @@ def test_cancel_now_bills_to_date_voids_the_included_credits_and_ends_it(plans, 
         (InvoiceLine.Kind.OVERAGE, "Overage credits, 2026-04-01 – 2026-04-30", Decimal("5.00")),
     ]
     assert invoice.total == Decimal("35.00")
+    wallet.refresh_from_db()
+    assert (wallet.policy, wallet.credit_limit) == (Wallet.Policy.BLOCK, 0), "no unbilled overdraft after the end"
     assert wallet_balance(wallet).available == 0
     with at(utc(2026, 5, 2)):
         assert subscriptions_close_due() == 0
