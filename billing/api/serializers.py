@@ -292,7 +292,8 @@ class UsageChargeSerializer(serializers.Serializer):
 
 
 class UsageBatchInput(serializers.Serializer):
-    events = UsageEventInput(many=True, help_text="1 to 1,000 events, each charged on its own.")
+    events = serializers.ListField(child=UsageEventInput(), min_length=1, max_length=1000,
+                                   help_text="1 to 1,000 events, each charged on its own.")
 
 
 class UsageBatchItemSerializer(serializers.Serializer):

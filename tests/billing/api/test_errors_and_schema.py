@@ -109,3 +109,6 @@ def test_schema_states_the_limits_the_api_enforces():
     captured = schema["components"]["schemas"][
         capture["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
     assert captured["properties"]["properties"]["type"] == "object"  # null is refused, so not offered
+    batch = schema["paths"]["/api/v1/usage/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    events = schema["components"]["schemas"][batch["$ref"].rsplit("/", 1)[1]]["properties"]["events"]
+    assert (events["minItems"], events["maxItems"]) == (1, 1000)  # [] and 1,001 events are a 400
