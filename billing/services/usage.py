@@ -24,6 +24,10 @@ A single event without a reservation takes the fast path: the PostgreSQL
 function of migration 0005 does the same work in one statement (one round
 trip, locks held only for it and its commit) and hands back to this engine,
 having written nothing, whenever it would differ (tests/billing/test_hot_path.py).
+A batch is priced and deduplicated here, then ``_charge_in_database`` hands the
+priced events to the function of migration 0019 (the same locks, decisions and
+rows as ``_charge``, set-based, one round trip); reservation captures and limited
+teams stay on ``_charge``.
 """
 
 from __future__ import annotations
@@ -245,7 +249,7 @@ def usage_charge_many(requests: list[ChargeRequest], *, now: datetime | None = N
             todo.append(i)
             request._rate = rate  # type: ignore[attr-defined]
 
-        if todo:
+        if todo and not (FAST_PATH and _charge_in_database(requests, hashes, todo, results, now)):
             _charge(requests, hashes, todo, results, now)
 
         for i, result in enumerate(results):
@@ -294,6 +298,60 @@ def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -
     if outcome == "no_rate":
         return _no_rate(request)
     return None
+
+
+def _charge_in_database(requests, hashes, todo, results, now) -> bool:
+    """``_charge`` for priced events through ``creditdesk_usage_charge_batch``
+    (migration 0019): the same locks (grants, then wallets, in primary-key order),
+    decisions and rows, in one statement. Returns False, having written nothing,
+    when the Python engine must decide: a reservation to capture or a team with a
+    spending limit on its wallet. Calls the balance-crossing hook as ``_charge`` does."""
+    if any(requests[i].reservation_id is not None for i in todo):
+        return False
+    rows = []
+    for i in todo:
+        request = requests[i]
+        rate = request._rate
+        credits = round_credits(request.quantity * rate.credits_per_unit)
+        request._credits = credits
+        rows.append({
+            "n": i, "c": request.customer.id, "w": request.wallet_id, "f": request.feature.id,
+            "e": request.event_id, "q": str(request.quantity), "o": request.occurred_at.isoformat(),
+            "p": request.properties, "r": rate.id, "u": str(rate.credits_per_unit), "k": str(credits),
+            "h": hashes[i],
+        })
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM creditdesk_usage_charge_batch(%s::jsonb, %s, %s)",
+                       [json.dumps(rows), now, timezone.now()])
+        decided = cursor.fetchall()
+    if decided[0][1] == "fallback":
+        return False
+    first_available: dict[int, Decimal] = {}
+    last_available: dict[int, Decimal] = {}
+    marks: dict[int, tuple] = {}
+    for i, outcome, available, grant_ids, takes, over, ledger_after, paused_reason, below, above in decided:
+        request = requests[i]
+        credits = request._credits
+        wallet_id = request.wallet_id
+        first_available.setdefault(wallet_id, available)
+        if outcome == "charged":
+            results[i] = _charged(request.event_id, credits, list(zip(grant_ids, takes, strict=True)), over,
+                                  available - credits, ledger_after)
+            last_available[wallet_id] = available - credits
+            marks[wallet_id] = (below, above)
+        elif outcome == "rejected":
+            results[i] = _insufficient(request.event_id, credits, available)
+        else:
+            results[i] = _paused(request.event_id, credits, paused_reason)
+    crossing = [wallet_id for wallet_id, after in last_available.items()
+                if Wallet(alert_below=marks[wallet_id][0], alert_at_or_above=marks[wallet_id][1])
+                .crosses_alert_mark(first_available[wallet_id], after)]
+    if crossing:
+        wallets = Wallet.objects.in_bulk(crossing)
+        for wallet_id in crossing:
+            events.balance_crossed(wallet=wallets[wallet_id], before=first_available[wallet_id],
+                                   after=last_available[wallet_id], cause="usage")
+    return True
 
 
 @dataclass

@@ -134,6 +134,7 @@ ENGINES = {
                                                  for r, s in zip(_requests(stream), stream, strict=True)],
     "oracle, one batch": lambda stream: reference_usage.usage_charge_many(_requests(stream), now=stream[0]["now"]),
     "engine, one batch": lambda stream: usage_charge_many(_requests(stream), now=stream[0]["now"]),
+    "python engine, one batch": lambda stream: usage_charge_many(_requests(stream), now=stream[0]["now"]),
 }
 
 
@@ -184,6 +185,16 @@ def test_fast_paths_match_the_previous_engine_on_random_scenarios(monkeypatch):
         return result
 
     monkeypatch.setattr(usage, "_charge_one_in_database", counting)
+    batches_in_database = 0
+    real_batch = usage._charge_in_database
+
+    def counting_batch(*args, **kwargs):
+        nonlocal batches_in_database
+        done = real_batch(*args, **kwargs)
+        batches_in_database += done
+        return done
+
+    monkeypatch.setattr(usage, "_charge_in_database", counting_batch)
     rng = random.Random(20261124)
     compared = 0
     for index in range(60):
@@ -192,7 +203,7 @@ def test_fast_paths_match_the_previous_engine_on_random_scenarios(monkeypatch):
         stream = _event_stream(rng, worlds, now)
         runs = {}
         for name, engine in ENGINES.items():
-            monkeypatch.setattr(usage, "FAST_PATH", name != "python engine, one by one")
+            monkeypatch.setattr(usage, "FAST_PATH", not name.startswith("python engine"))
             crossings.clear()
             savepoint = transaction.savepoint()
             answers = [_answer(result) for result in engine(stream)]
@@ -214,6 +225,8 @@ def test_fast_paths_match_the_previous_engine_on_random_scenarios(monkeypatch):
         compared += len(stream)
     # The comparison means something only if the database function answered most events itself.
     assert database_answers > compared * 0.8
+    # Every scenario's batch has events to charge; only a limited team's would go back to Python.
+    assert batches_in_database >= 50
 
 
 @pytest.mark.django_db
@@ -262,6 +275,27 @@ def test_crossing_an_alert_mark_still_calls_the_hook(monkeypatch, feature):
         usage_charge(ChargeRequest(customer=wallet.customer, wallet_id=wallet.pk, feature=feature,
                                    quantity=Decimal(3), event_id=f"x{n}"))
     assert seen == [(Decimal("7.000000"), Decimal("4.000000"), "usage")]
+
+
+@pytest.mark.django_db
+def test_a_batch_in_the_database_crosses_a_mark_once_per_wallet(monkeypatch, feature):
+    wallets = [funded_wallet("10"), funded_wallet("10")]
+    Wallet.objects.filter(pk=wallets[0].pk).update(alert_below=Decimal("5"))
+    seen = []
+    monkeypatch.setattr(events, "_crossing_handlers",
+                        [lambda **kw: seen.append((kw["wallet"].pk, kw["before"], kw["after"], kw["cause"]))])
+    in_database = []
+    real = usage._charge_in_database
+    monkeypatch.setattr(usage, "_charge_in_database", lambda *a, **k: in_database.append(real(*a, **k)) or
+                        in_database[-1])
+    results = usage_charge_many([
+        ChargeRequest(customer=wallet.customer, wallet_id=wallet.pk, feature=feature, quantity=Decimal(3),
+                      event_id=f"x{n}") for n in range(4) for wallet in wallets])
+    assert in_database == [True]
+    assert [r.http_status for r in results] == [201] * 6 + [402] * 2
+    assert seen == [(wallets[0].pk, Decimal("10.000000"), Decimal("1.000000"), "usage")]
+    for wallet in wallets:
+        assert_ledger_consistent(wallet)
 
 
 def _threads(count: int, target) -> list:
