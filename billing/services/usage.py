@@ -309,16 +309,27 @@ def _charge_in_database(requests, hashes, todo, results, now) -> bool:
     if any(requests[i].reservation_id is not None for i in todo):
         return False
     rows = []
+    # A batch repeats its quantities, rates and timestamps: price and format each once.
+    priced: dict[tuple[Decimal, int], tuple[Decimal, str, str]] = {}
+    stamps: dict[tuple, str] = {}
     for i in todo:
         request = requests[i]
         rate = request._rate
-        credits = round_credits(request.quantity * rate.credits_per_unit)
+        key = (request.quantity, rate.id)
+        if key not in priced:
+            credits = round_credits(request.quantity * rate.credits_per_unit)
+            priced[key] = (credits, str(credits), str(rate.credits_per_unit))
+        credits, credits_text, rate_text = priced[key]
         request._credits = credits
+        occurred_at = request.occurred_at
+        stamp_key = (occurred_at, occurred_at.utcoffset())  # one instant, one offset: one text
+        stamp = stamps.get(stamp_key)
+        if stamp is None:
+            stamp = stamps[stamp_key] = occurred_at.isoformat()
         rows.append({
             "n": i, "c": request.customer.id, "w": request.wallet_id, "f": request.feature.id,
-            "e": request.event_id, "q": str(request.quantity), "o": request.occurred_at.isoformat(),
-            "p": request.properties, "r": rate.id, "u": str(rate.credits_per_unit), "k": str(credits),
-            "h": hashes[i],
+            "e": request.event_id, "q": str(request.quantity), "o": stamp, "p": request.properties, "r": rate.id,
+            "u": rate_text, "k": credits_text, "h": hashes[i],
         })
     with connection.cursor() as cursor:
         cursor.execute("SELECT * FROM creditdesk_usage_charge_batch(%s::jsonb, %s, %s)",
