@@ -47,10 +47,15 @@ def days_until_depletion(available: Decimal, burn: Decimal) -> Decimal | None:
 
 
 def projected_depletion_date(available: Decimal, burn: Decimal, *, now: datetime) -> date | None:
+    """The local calendar date the wallet runs dry at ``burn`` credits a day; None without burn or past year 9999."""
     days = days_until_depletion(available, burn)
     if days is None:
         return None
-    return (now + timedelta(days=float(days))).date()
+    whole = int(days)
+    try:
+        return (now + timedelta(days=whole, seconds=int((days - whole) * 86400))).date()
+    except OverflowError:
+        return None  # a tiny burn puts depletion beyond the calendar (year 9999): none in sight
 
 
 def granted_in_period(wallet_id: int, *, now: datetime, days: int) -> Decimal:
