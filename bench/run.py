@@ -76,6 +76,8 @@ class Outcome:
     limit_p99_ms: float = 0.0
     client_cpu: float = 0.0
     server_cpu_ms: float = 0.0  # gunicorn CPU per request
+    db_cpu_ms: float = 0.0  # PostgreSQL server CPU per request (every postgres process on this machine)
+    limit_db_cpu_ms: float = 0.0  # the same per pgbench transaction
     errors: list[str] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
 
@@ -253,6 +255,30 @@ def run_pgbench(url: str, script: str, *, clients: int, seconds: float, variable
     return tps, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000
 
 
+def process_cpu_seconds(wanted, *, reaped: bool = False) -> float:
+    """CPU seconds (user + system) used so far by the processes for which ``wanted(name, pgrp)`` is true;
+    with ``reaped``, also by their children that have exited (a postmaster's finished backends)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.find("(") + 1:text.rfind(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        if wanted(name, int(fields[2])):
+            total += int(fields[11]) + int(fields[12])
+            if reaped:
+                total += int(fields[13]) + int(fields[14])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU seconds used so far by PostgreSQL's processes (the server the benchmark runs against, when it is
+    on this machine; other databases' work on the same server counts too)."""
+    return process_cpu_seconds(lambda name, pgrp: name == "postgres" or name.startswith("postgres:"), reaped=True)
+
+
 # --- gunicorn ---------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -298,15 +324,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU time used so far by gunicorn's master and workers (its process group)."""
-        total = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.proc.pid:  # pgrp: gunicorn runs in its own session
-                total += int(fields[11]) + int(fields[12])  # utime + stime
-        return total / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(lambda name, pgrp: pgrp == self.proc.pid)  # gunicorn runs in its own session
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -371,15 +389,18 @@ def pgbench_variables(scenario: Scenario, seed: dict) -> dict:
 def run_scenario(scenario: Scenario, *, url: str, server: Server, seed: dict, seconds: float, warmup: float,
                  run_id: str) -> Outcome:
     outcome = Outcome(scenario)
+    db_cpu_before = postgres_cpu_seconds()
     tps, outcome.limit_p50_ms, outcome.limit_p99_ms = run_pgbench(
         url, scenario.pgbench_script, clients=scenario.clients, seconds=seconds,
         variables=pgbench_variables(scenario, seed))
     outcome.limit_events_per_s = tps * scenario.events_per_request
-    cpu_before = server.cpu_seconds()
+    outcome.limit_db_cpu_ms = (postgres_cpu_seconds() - db_cpu_before) / max(tps * seconds, 1) * 1000
+    cpu_before, db_cpu_before = server.cpu_seconds(), postgres_cpu_seconds()
     load = run_load(host="127.0.0.1", port=server.port, clients=scenario.clients,
                     make_request=request_maker(scenario, seed, run_id), warmup=warmup, seconds=seconds,
                     expect=(scenario.http_status,))
     outcome.server_cpu_ms = (server.cpu_seconds() - cpu_before) / max(load.total_requests, 1) * 1000
+    outcome.db_cpu_ms = (postgres_cpu_seconds() - db_cpu_before) / max(load.total_requests, 1) * 1000
     ok = load.statuses.get(scenario.http_status, 0)
     outcome.statuses = load.statuses
     outcome.events_per_s = ok * scenario.events_per_request / load.elapsed
@@ -398,14 +419,14 @@ def run_scenario(scenario: Scenario, *, url: str, server: Server, seed: dict, se
 
 def table(outcomes: list[Outcome]) -> str:
     rows = ["| scenario | clients | API events/s | API p50 ms | API p99 ms | raw-SQL limit events/s "
-            "(pgbench p50/p99 ms) | ratio | target | met | gunicorn CPU ms/request |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+            "(pgbench p50/p99 ms) | ratio | target | met | gunicorn CPU ms/request | PostgreSQL CPU ms/request (pgbench) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for o in outcomes:
         rows.append(
             f"| {o.scenario.name}: {o.scenario.title} | {o.scenario.clients} | {o.events_per_s:,.0f} | "
             f"{o.p50_ms:.1f} | {o.p99_ms:.1f} | {o.limit_events_per_s:,.0f} ({o.limit_p50_ms:.1f}/"
             f"{o.limit_p99_ms:.1f}) | {o.ratio:.2f} | {o.scenario.target} | {'yes' if o.passed else 'NO'} | "
-            f"{o.server_cpu_ms:.2f} |")
+            f"{o.server_cpu_ms:.2f} | {o.db_cpu_ms:.2f} ({o.limit_db_cpu_ms:.2f}) |")
     return "\n".join(rows)
 
 
@@ -460,7 +481,7 @@ def main() -> int:
             o = outcomes[-1]
             print(f"    {o.events_per_s:,.0f} events/s, p50 {o.p50_ms:.1f} ms, p99 {o.p99_ms:.1f} ms; limit "
                   f"{o.limit_events_per_s:,.0f}/s; ratio {o.ratio:.2f}; load generator CPU "
-                  f"{o.client_cpu:.0%} of a core; gunicorn CPU {o.server_cpu_ms:.2f} ms/request{'; ERRORS: ' + ' | '.join(o.errors) if o.errors else ''}",
+                  f"{o.client_cpu:.0%} of a core; gunicorn CPU {o.server_cpu_ms:.2f} ms/request; PostgreSQL CPU {o.db_cpu_ms:.2f} ms/request (pgbench {o.limit_db_cpu_ms:.2f}){'; ERRORS: ' + ' | '.join(o.errors) if o.errors else ''}",
                   flush=True)
     finally:
         server.stop()
