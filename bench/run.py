@@ -288,16 +288,18 @@ def free_port() -> int:
 
 
 class Server:
-    """gunicorn with gthread workers: keep-alive connections, one DB connection per thread, kept open.
+    """gunicorn with Creditdesk's event-loop workers (``config.gunicorn_worker.LoopWorker``: the hot
+    requests inline, one DB connection per process; others in ``threads`` pool threads) or, with
+    ``worker_class="gthread"``, gunicorn's threaded workers; keep-alive, DB connections kept open.
     ``--preload``: every worker is ready (Django imported once, in the master) before the first scenario, so
     no worker's start-up CPU is counted as request CPU."""
 
-    def __init__(self, url: str, *, workers: int, threads: int):
+    def __init__(self, url: str, *, workers: int, threads: int, worker_class: str):
         self.port = free_port()
         env = dict(os.environ, DATABASE_URL=url, DJANGO_SETTINGS_MODULE="config.settings", DJANGO_DEBUG="0",
                    DB_CONN_MAX_AGE="600", LOG_LEVEL="ERROR")
         self.command = [str(Path(sys.executable).parent / "gunicorn"), "config.wsgi:application",
-                        "-b", f"127.0.0.1:{self.port}", "-w", str(workers), "-k", "gthread",
+                        "-b", f"127.0.0.1:{self.port}", "-w", str(workers), "-k", worker_class,
                         "--threads", str(threads), "--keep-alive", "120", "--backlog", "2048", "--preload",
                         "--log-level", "warning", "--worker-connections", "1000"]
         self.proc = subprocess.Popen(self.command, cwd=ROOT, env=env, start_new_session=True,
@@ -442,11 +444,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10, help="measured seconds per scenario (default 10)")
     parser.add_argument("--warmup", type=float, default=2, help="unmeasured warm-up seconds (default 2)")
-    # 2 x 16, one process per core: measured against 4 x 8 (2 runs each, hot-8 and balance-8), 4 x 8 spent
-    # 30-80% more gunicorn CPU per single event and did no better on balance reads; 2 x 4 and 3 x 8 no better.
-    # Sync workers are out: they close every connection (no keep-alive).
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
-    parser.add_argument("--threads", type=int, default=16, help="threads per gunicorn worker (default 16)")
+    # The event-loop worker serves a hot request start to finish in its one loop thread, so a process is idle
+    # while its statement runs: several processes per core keep the database busy.
+    parser.add_argument("--worker-class", default="config.gunicorn_worker.LoopWorker",
+                        help="gunicorn worker class (default config.gunicorn_worker.LoopWorker; or gthread)")
+    parser.add_argument("--workers", type=int, default=6, help="gunicorn worker processes (default 6)")
+    parser.add_argument("--threads", type=int, default=4,
+                        help="threads per worker: the pool for non-hot requests (gthread: for every request)")
     parser.add_argument("--only", nargs="*", help="run only these scenarios: " + ", ".join(s.name for s in SCENARIOS))
     parser.add_argument("--sql-only", action="store_true", help="measure only the pgbench limits (no HTTP)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "latest.md"))
@@ -469,7 +473,7 @@ def main() -> int:
             print(f"  {scenario.name}: {tps * scenario.events_per_request:,.0f} events/s, p50 {p50:.2f} ms, "
                   f"p99 {p99:.2f} ms", flush=True)
         return 0
-    server = Server(url, workers=args.workers, threads=args.threads)
+    server = Server(url, workers=args.workers, threads=args.threads, worker_class=args.worker_class)
     outcomes: list[Outcome] = []
     try:
         server.wait_ready(seed["token"])
@@ -495,7 +499,7 @@ def main() -> int:
     header = (
         f"Run {started:%Y-%m-%d %H:%M} UTC, commit {git_commit()}, {os.cpu_count()} CPU cores "
         f"({platform.machine()}), PostgreSQL {pg_version}, Python {platform.python_version()}.\n"
-        f"Server: gunicorn config.wsgi, {args.workers} gthread workers x {args.threads} threads, keep-alive; "
+        f"Server: gunicorn config.wsgi, {args.workers} x {args.worker_class} (threads {args.threads}), keep-alive; "
         f"clients: closed-loop keep-alive HTTP/1.1 (bench/load.py), {args.warmup:g} s warm-up + "
         f"{args.seconds:g} s measured per scenario; limit: pgbench -M prepared, same clients, "
         f"{args.seconds:g} s, scripts in bench/pgbench/.\n"

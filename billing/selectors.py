@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from django.db import connection
 from django.db.models import Q, Sum
 from django.utils import timezone
 
+from billing import prepared
 from billing.models import CreditGrant, Customer, Feature, Reservation, Wallet
 from billing.numbers import ZERO
 
@@ -102,10 +102,9 @@ def customer_balance(external_id: str, *, at: datetime | None = None) -> Custome
     """The balance of a customer's default wallet in one statement (None: no such
     customer): the same figures and grant order as ``wallet_balance``."""
     at = at or timezone.now()
-    with connection.cursor() as cursor:
-        cursor.execute(_CUSTOMER_BALANCE_SQL, {"customer": external_id, "at": at, "open": Reservation.Status.OPEN,
-                                               "active": CreditGrant.Status.ACTIVE})
-        rows = cursor.fetchall()
+    rows = prepared.fetch(_CUSTOMER_BALANCE_SQL, {
+        "customer": external_id, "at": at, "open": Reservation.Status.OPEN.value,
+        "active": CreditGrant.Status.ACTIVE.value}, all_rows=True)
     if not rows:
         return None
     ledger_balance, overage, credit_limit, policy, held = rows[0][:5]

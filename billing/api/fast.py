@@ -16,10 +16,12 @@ set, is checked last with the same throttle class, so a request is counted once.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.client import responses
 
 from django.conf import settings
 from django.core.exceptions import DisallowedHost
@@ -46,7 +48,7 @@ def render(body: dict, status: int, allow: str) -> HttpResponse:
     return response
 
 
-def verified_key(request: HttpRequest, scopes: tuple[str, ...]) -> VerifiedKey | None:
+def verified_key(request, scopes: tuple[str, ...]) -> VerifiedKey | None:
     """The request's key when it is well-formed, known, active and holds one of ``scopes``; else None."""
     scheme, _, raw_key = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
     raw_key = raw_key.strip()
@@ -56,7 +58,7 @@ def verified_key(request: HttpRequest, scopes: tuple[str, ...]) -> VerifiedKey |
     return key if key is not None and key.allows(*scopes) else None
 
 
-def plain_request(request: HttpRequest) -> bool:
+def plain_request(request) -> bool:
     """No query string and an Accept DRF's negotiation would answer with plain JSON."""
     return not request.META.get("QUERY_STRING") and request.META.get("HTTP_ACCEPT", "") in _JSON_ACCEPTS
 
@@ -82,14 +84,15 @@ def json_body(request: HttpRequest):
 class _ThrottleRequest:
     """What ``ApiKeyRateThrottle`` reads from a request."""
 
-    def __init__(self, request: HttpRequest, key: VerifiedKey):
+    def __init__(self, request, key: VerifiedKey):
         self.auth = key
         self.META = request.META
         self._request = request
 
 
-def throttled(request: HttpRequest, key: VerifiedKey) -> bool:
-    """True when the key is over its rate; counts the request otherwise (no rate: never)."""
+def throttled(request, key: VerifiedKey) -> bool:
+    """True when the key is over its rate; counts the request otherwise (no rate: never).
+    ``request``: anything with the request's ``META``."""
     if not getattr(settings, "CREDITDESK_API_RATE_LIMIT", None):
         return False
     return not ApiKeyRateThrottle().allow_request(_ThrottleRequest(request, key), None)
@@ -150,29 +153,88 @@ _HOT_PATHS = (
 )
 
 
-def _host_allowed(request: HttpRequest) -> bool:
+class _Meta:
+    """The ``META`` of a request not wrapped in a ``WSGIRequest``: what ``verified_key``,
+    ``plain_request`` and the rate throttle read."""
+
+    __slots__ = ("META", "auth")
+
+    def __init__(self, environ: dict):
+        self.META = environ
+        self.auth = None
+
+
+# (X-Forwarded-Host, Host, SERVER_NAME, SERVER_PORT) -> whether Django's get_host() accepts it.
+_HOSTS_MAX = 256
+_hosts: dict[tuple, bool] = {}
+
+
+def _host_allowed(environ: dict) -> bool:
+    """``HttpRequest.get_host()`` succeeds for this environ (ALLOWED_HOSTS), remembered per host."""
+    key = (environ.get("HTTP_X_FORWARDED_HOST"), environ.get("HTTP_HOST"), environ.get("SERVER_NAME"),
+           environ.get("SERVER_PORT"))
+    allowed = _hosts.get(key)
+    if allowed is None:
+        request = HttpRequest()
+        request.META = {name: value for name, value in zip(
+            ("HTTP_X_FORWARDED_HOST", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT"), key, strict=True)
+            if value is not None}
+        try:
+            request.get_host()
+            allowed = True
+        except DisallowedHost:
+            allowed = False
+        if len(_hosts) >= _HOSTS_MAX:
+            _hosts.clear()
+        _hosts[key] = allowed
+    return allowed
+
+
+def _secure(environ: dict) -> bool:
+    """``HttpRequest.is_secure()`` for this environ."""
+    header = settings.SECURE_PROXY_SSL_HEADER
+    if header:
+        name, secure_value = header
+        value = environ.get(name)
+        if value is not None:
+            return value.split(",", 1)[0].strip() == secure_value
+    return environ.get("wsgi.url_scheme") == "https"
+
+
+# DRF's JSONRenderer output (compact, UTF-8, no NaN, U+2028/9 escaped) for plain JSON values.
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def render_bytes(body: dict) -> bytes:
+    """The bytes ``render(body)`` would carry."""
     try:
-        request.get_host()
-    except DisallowedHost:
-        return False
-    return True
+        text = _encode(body)
+    except TypeError:  # a value only DRF's encoder knows (Decimal, datetime …)
+        return _renderer.render(body)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").encode()
 
 
 class HotRoutesApplication:
     """WSGI: the hot routes' ordinary requests go straight to their ``HotRoute``, past
-    Django's URL resolving, middleware chain and request signals; every other
-    request — and every hot one the route hands back — goes to Django unchanged.
+    Django's request and response objects, URL resolving, middleware chain and
+    request signals; every other request — and every hot one the route hands back —
+    goes to Django unchanged.
 
-    The answer is what the Django path gives, headers included: the response
-    middleware that adds headers to an API answer (security, clickjacking,
-    Content-Length) is applied to it, and the database connection gets the
-    check Django's request signals would give it (closed if unusable or past
-    CONN_MAX_AGE). tests/billing/api/test_wsgi_hot_routes.py compares the two."""
+    The answer is what the Django path gives, headers included: the headers the
+    response middleware adds to an API answer (security, clickjacking) are taken,
+    once per kind of request (secure or not), from the real middleware run on a
+    sample answer, and Content-Length is the body's. The database connection gets
+    the check Django's request signals would give it (closed if unusable or past
+    CONN_MAX_AGE). tests/billing/api/test_wsgi_hot_routes.py compares the two.
+
+    ``is_quick(environ)`` tells a server which requests are these (a hot route's
+    path and method): ``config.gunicorn_worker`` runs them inline in its event loop."""
 
     def __init__(self, application: Callable):
         self.application = application
         self._routes: list[tuple[re.Pattern, HotRoute]] | None = None
         self._response_middleware: list | None = None
+        self._headers: dict[tuple[bool, str], tuple[list, int]] = {}
 
     def _setup(self) -> None:
         from django.middleware.clickjacking import XFrameOptionsMiddleware
@@ -195,6 +257,17 @@ class HotRoutesApplication:
         redirects = settings.SECURE_SSL_REDIRECT or settings.PREPEND_WWW or settings.DISALLOWED_USER_AGENTS
         self._routes = [] if redirects else routes
 
+    def is_quick(self, environ: dict) -> bool:
+        """True for a request to a hot route with its method: answered in one short database
+        statement (or handed to the route's DRF view, still an API request)."""
+        path = environ.get("PATH_INFO", "")
+        if not path.startswith("/api/v1/"):
+            return False
+        if self._routes is None:
+            self._setup()
+        method = environ.get("REQUEST_METHOD")
+        return any(hot.method == method and pattern.match(path) for pattern, hot in self._routes)
+
     def __call__(self, environ: dict, start_response: Callable):
         path = environ.get("PATH_INFO", "")
         if not path.startswith("/api/v1/") or environ.get("QUERY_STRING") or environ.get("SCRIPT_NAME"):
@@ -207,28 +280,89 @@ class HotRoutesApplication:
                 return self._serve(hot, match, environ, start_response)
         return self.application(environ, start_response)
 
+    def _response_headers(self, environ: dict, allow: str) -> tuple[list, int]:
+        """The headers of a hot answer as the Django path sends them, with the position of
+        Content-Length (its value is the body's length)."""
+        key = (_secure(environ), allow)
+        headers = self._headers.get(key)
+        if headers is None:
+            from django.core.handlers.wsgi import WSGIRequest
+
+            sample = dict(environ, REQUEST_METHOD="GET", QUERY_STRING="", CONTENT_LENGTH="",
+                          **{"wsgi.input": io.BytesIO()})
+            request = WSGIRequest(sample)
+            response = render({}, 200, allow)
+            for middleware in self._response_middleware:
+                response = middleware.process_response(request, response)
+            items = list(response.items())
+            names = [name.lower() for name, _ in items]
+            if "content-length" not in names:
+                items.append(("Content-Length", ""))
+                names.append("content-length")
+            headers = self._headers[key] = (items, names.index("content-length"))
+        return headers
+
     def _serve(self, route: HotRoute, match: re.Match, environ: dict, start_response: Callable):
-        from django.core.handlers.wsgi import WSGIRequest
+        from django.core.handlers.wsgi import get_path_info
         from django.db import connection
 
-        request = WSGIRequest(environ)
-        # Matched on Django's own decoding of the path, as the URL resolver would.
-        match = match.re.match(request.path_info)
-        if match is None or not _host_allowed(request):
+        if environ.get("REQUEST_METHOD") != route.method or not plain_request(_Meta(environ)):
             return self.application(environ, start_response)
+        # Matched on Django's own decoding of the path, as the URL resolver would.
+        path = get_path_info(environ)
+        match = match.re.match(path)
+        if match is None or not _host_allowed(environ):
+            return self.application(environ, start_response)
+        answer = None
         try:
-            response = route.answer(request, match.groupdict())
+            answer = self._answer(route, environ, match.groupdict())
         except Exception:
-            logger.exception("Unhandled error on %s %s", request.method, request.path)
+            logger.exception("Unhandled error on %s %s", environ.get("REQUEST_METHOD"), path)
             response = json_error(500, "An unexpected error occurred; it has been logged.")
+            answer = (500, response.content)
         finally:
             if not connection.in_atomic_block:  # (a test's transaction)
                 connection.close_if_unusable_or_obsolete()
-        if response is None:
-            if route.with_body and hasattr(request, "_body"):
-                environ["wsgi.input"] = io.BytesIO(request._body)  # the body was read here: Django reads it again
+        if answer is None:
             return self.application(environ, start_response)
-        for middleware in self._response_middleware:
-            response = middleware.process_response(request, response)
-        start_response(f"{response.status_code} {response.reason_phrase}", list(response.items()))
-        return [response.content]
+        status, content = answer
+        template, length_at = self._response_headers(environ, route.allow)
+        headers = list(template)
+        headers[length_at] = (headers[length_at][0], str(len(content)))
+        if status == 500:  # json_error's answer: a JsonResponse, no Allow
+            headers = [(name, value) for name, value in headers if name != "Allow"]
+        start_response(f"{status} {responses.get(status, 'Unknown Status Code')}", headers)
+        return [content]
+
+    def _answer(self, route: HotRoute, environ: dict, kwargs: dict) -> tuple[int, bytes] | None:
+        """(status, body bytes) for an ordinary request, or None when Django must answer
+        (the request's body, if read, is put back for it)."""
+        meta = _Meta(environ)
+        key = verified_key(meta, route.scopes)
+        if key is None:
+            return None
+        body = None
+        if route.with_body:
+            if environ.get("CONTENT_TYPE") != "application/json":
+                return None
+            try:
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                return None
+            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            if length <= 0 or (limit is not None and length > limit):
+                return None
+            raw = environ["wsgi.input"].read(length)
+            environ["wsgi.input"] = io.BytesIO(raw)  # for Django, should it answer after all
+            try:
+                body = decode_json(raw, "utf-8")
+            except ValueError:
+                return None
+        meta.auth = key
+        if throttled(meta, key):
+            return None
+        try:
+            status, answer = route.handle(body, **kwargs) if route.with_body else route.handle(**kwargs)
+        except BillingError as exc:
+            status, answer = exc.http_status, envelope(exc.code, exc.message, exc.details)
+        return status, render_bytes(answer)

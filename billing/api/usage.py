@@ -15,13 +15,14 @@ from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
 
-from django.db import DEFAULT_DB_ALIAS, connection
+from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Sum
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework.response import Response
 
+from billing import prepared
 from billing.api import inputs
 from billing.api.base import BALANCE_READ, USAGE_WRITE, ApiView, active_feature, customer_wallet, errors
 from billing.api.serializers import (
@@ -142,9 +143,7 @@ def resolve(customer: str, feature_key: str) -> Resolved:
     if cached is not None and cached[0] > clock:
         row = cached[1]
     else:
-        with connection.cursor() as cursor:
-            cursor.execute(_RESOLVE_SQL, [feature_key, customer])
-            row = cursor.fetchone()
+        row = prepared.fetch(_RESOLVE_SQL, (feature_key, customer))
         if row is not None and row[6] is not None:
             if len(_resolved) >= _RESOLVE_CACHE_MAX:
                 _resolved.clear()

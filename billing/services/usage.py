@@ -46,7 +46,7 @@ from django.db import connection, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
-from billing import events
+from billing import events, prepared
 from billing.errors import InvalidRequest
 from billing.models import (
     CreditGrant,
@@ -272,15 +272,12 @@ def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -
     if (request.reservation_id is not None or not isinstance(quantity, Decimal) or not quantity.is_finite()
             or timezone.is_naive(request.occurred_at)):
         return None
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT * FROM creditdesk_usage_charge(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
-            [request.customer.id, request.wallet_id, request.feature.id, request.event_id, quantity,
-             request.occurred_at, json.dumps(request.properties), hash_, now, timezone.now(),
-             decimal.getcontext().prec],
-        )
-        (outcome, credits, available, ledger_after, grant_ids, takes, over, paused_reason, prior_status,
-         prior_response, prior_credits, prior_hash_matches) = cursor.fetchone()
+    (outcome, credits, available, ledger_after, grant_ids, takes, over, paused_reason, prior_status,
+     prior_response, prior_credits, prior_hash_matches) = prepared.fetch(
+        "SELECT * FROM creditdesk_usage_charge(%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
+        (request.customer.id, request.wallet_id, request.feature.id, request.event_id, quantity,
+         request.occurred_at, json.dumps(request.properties), hash_, now, timezone.now(),
+         decimal.getcontext().prec))
     event_id = request.event_id
     if outcome == "charged":
         return _charged(event_id, credits, list(zip(grant_ids, takes, strict=True)), over, available - credits,

@@ -87,6 +87,9 @@ DATABASES = {"default": dj_database_url.parse(env("DATABASE_URL"), conn_max_age=
 # Off: a health check is one more round trip (SELECT 1) per request on the hot path; a connection
 # broken meanwhile fails one request and is then closed by Django (errors_occurred).
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = env_bool("DB_CONN_HEALTH_CHECKS", False)
+# The usage API's per-request statements run as server-side prepared statements (billing/prepared.py);
+# 0 for a pooler that does not keep a session per client (PgBouncer in transaction mode).
+DB_PREPARED_STATEMENTS = env_bool("DB_PREPARED_STATEMENTS", True)
 DATABASES["default"]["TEST"] = {"NAME": env("DATABASE_TEST_NAME", "test_creditdesk")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
