@@ -42,7 +42,7 @@ from decimal import Decimal
 from json.encoder import encode_basestring_ascii as _json_string
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
@@ -126,17 +126,25 @@ def check_occurred_at(occurred_at: datetime, now: datetime) -> None:
         )
 
 
+# Model.from_db takes the values in the model's field order.
+_RATE_FIELDS = [f.attname for f in FeatureCost._meta.concrete_fields
+                if f.attname in ("id", "feature_id", "customer_id", "effective_from", "credits_per_unit")]
+_RATES_SQL = (
+    f"SELECT {', '.join(_RATE_FIELDS)} FROM {FeatureCost._meta.db_table}"
+    " WHERE feature_id = ANY (%s::bigint[]) AND effective_from <= %s"
+    " AND (customer_id IS NULL OR customer_id = ANY (%s::bigint[])) ORDER BY effective_from DESC, id DESC"
+)
+
+
 def _rates_for(requests: list[ChargeRequest]) -> dict[tuple[int, int | None], list[FeatureCost]]:
     """Every rate version of the features involved, newest first, keyed by (feature, customer|None)."""
-    feature_ids = {r.feature.id for r in requests}
-    customer_ids = {r.customer.id for r in requests}
+    feature_ids = sorted({r.feature.id for r in requests})
+    customer_ids = sorted({r.customer.id for r in requests})
     latest = max(r.occurred_at for r in requests)
-    rows = FeatureCost.objects.filter(feature_id__in=feature_ids, effective_from__lte=latest).filter(
-        Q(customer__isnull=True) | Q(customer_id__in=customer_ids)
-    ).order_by("-effective_from", "-pk")
     table: dict[tuple[int, int | None], list[FeatureCost]] = defaultdict(list)
-    for row in rows:
-        table[(row.feature_id, row.customer_id)].append(row)
+    for row in prepared.fetch(_RATES_SQL, (feature_ids, latest, customer_ids), all_rows=True):
+        rate = FeatureCost.from_db(DEFAULT_DB_ALIAS, _RATE_FIELDS, row)
+        table[(rate.feature_id, rate.customer_id)].append(rate)
     return table
 
 
@@ -205,7 +213,7 @@ def usage_charge_many(requests: list[ChargeRequest], *, now: datetime | None = N
     now = now or timezone.now()
     if not requests:
         return []
-    hashes = [request_hash(r) for r in requests]  # before defaulting: an omitted occurred_at is part of the payload
+    hashes = _request_hashes(requests)  # before defaulting: an omitted occurred_at is part of the payload
     for request in requests:
         request.occurred_at = request.occurred_at or now
     if FAST_PATH and len(requests) == 1:
@@ -215,51 +223,76 @@ def usage_charge_many(requests: list[ChargeRequest], *, now: datetime | None = N
     results: list[ChargeResult | None] = [None] * len(requests)
 
     with transaction.atomic():
-        _lock_event_ids(requests)
-        existing = _existing_events(requests)
-        rates = _rates_for(requests)
-        seen: dict[tuple[int, str], int] = {}
-        todo: list[int] = []
-        for i, request in enumerate(requests):
-            key = (request.customer.id, request.event_id)
-            prior = existing.get(key)
-            if prior is None and key in seen:
-                prior_index = seen[key]
-                if hashes[prior_index] != hashes[i]:
-                    results[i] = _conflict(request.event_id)
-                else:
-                    results[i] = ("same-batch", prior_index)  # resolved after the first one is decided
-                continue
-            if prior is not None:
-                results[i] = _replay(prior, hashes[i], request.event_id)
-                continue
-            seen[key] = i
-            rate = _pick_rate(rates, request)
-            if rate is None:
-                results[i] = _no_rate(request)
-                continue
-            if abs(request.quantity * rate.credits_per_unit) > MAX_CREDITS:
-                # More than a ledger entry can hold (NUMERIC(20,6)): refuse it rather than fail the batch.
-                results[i] = _invalid(
-                    request.event_id,
-                    f"quantity × credit cost is more than one event may charge ({MAX_CREDITS} credits).",
-                    {"quantity": f"priced at more than {MAX_CREDITS} credits"},
-                )
-                continue
-            todo.append(i)
-            request._rate = rate  # type: ignore[attr-defined]
-
-        if todo and not (FAST_PATH and _charge_in_database(requests, hashes, todo, results, now)):
-            _charge(requests, hashes, todo, results, now)
-
-        for i, result in enumerate(results):
-            if isinstance(result, tuple):
-                first = results[result[1]]
-                results[i] = ChargeResult(
-                    event_id=requests[i].event_id, status="duplicate", http_status=first.http_status,
-                    body=first.body, credits=first.credits, error=first.error,
-                )
+        if not (FAST_PATH and _charge_in_database(requests, hashes, results, now)):
+            _charge_in_python(requests, hashes, results, now)
     return results  # type: ignore[return-value]
+
+
+def _request_hashes(requests: list[ChargeRequest]) -> list[str]:
+    """``request_hash`` of each request, computed once per distinct payload: a batch
+    repeats a few payloads under many event ids (the event id is not hashed). Only a
+    payload without properties or reservation is shared, keyed by what its canonical
+    JSON is made of (the quantity's sign too: 0 and -0 are equal but hash apart; the
+    timestamp's offset too: one instant, two texts)."""
+    hashes = []
+    known: dict[tuple, str] = {}
+    for request in requests:
+        quantity, occurred_at = request.quantity, request.occurred_at
+        if request.properties or request.reservation_id is not None or type(quantity) is not Decimal:
+            hashes.append(request_hash(request))
+            continue
+        key = (request.customer.external_id, request.feature.key, quantity, quantity.is_signed(), occurred_at,
+               occurred_at.utcoffset() if occurred_at is not None else None)
+        hash_ = known.get(key)
+        if hash_ is None:
+            hash_ = known[key] = request_hash(request)
+        hashes.append(hash_)
+    return hashes
+
+
+def _charge_in_python(requests, hashes, results, now) -> None:
+    """The Python engine for a list of events: event-id locks, replays, pricing, then ``_charge``."""
+    _lock_event_ids(requests)
+    existing = _existing_events(requests)
+    rates = _rates_for(requests)
+    seen: dict[tuple[int, str], int] = {}
+    todo: list[int] = []
+    for i, request in enumerate(requests):
+        key = (request.customer.id, request.event_id)
+        prior = existing.get(key)
+        if prior is None and key in seen:
+            prior_index = seen[key]
+            if hashes[prior_index] != hashes[i]:
+                results[i] = _conflict(request.event_id)
+            else:
+                results[i] = ("same-batch", prior_index)  # resolved after the first one is decided
+            continue
+        if prior is not None:
+            results[i] = _replay(prior, hashes[i], request.event_id)
+            continue
+        seen[key] = i
+        rate = _pick_rate(rates, request)
+        if rate is None:
+            results[i] = _no_rate(request)
+            continue
+        if abs(request.quantity * rate.credits_per_unit) > MAX_CREDITS:
+            results[i] = _too_big(request.event_id)
+            continue
+        todo.append(i)
+        request._rate = rate  # type: ignore[attr-defined]
+
+    if todo:
+        _charge(requests, hashes, todo, results, now)
+
+    for i, result in enumerate(results):
+        if isinstance(result, tuple):
+            results[i] = _repeat(requests[i].event_id, results[result[1]])
+
+
+def _repeat(event_id: str, first: ChargeResult) -> ChargeResult:
+    """The answer to an event id repeated in one batch with the same payload: the first one's, as a duplicate."""
+    return ChargeResult(event_id=event_id, status="duplicate", http_status=first.http_status, body=first.body,
+                        credits=first.credits, error=first.error)
 
 
 def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -> ChargeResult | None:
@@ -278,7 +311,17 @@ def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -
         (request.customer.id, request.wallet_id, request.feature.id, request.event_id, quantity,
          request.occurred_at, json.dumps(request.properties), hash_, now, timezone.now(),
          decimal.getcontext().prec))
-    event_id = request.event_id
+    if outcome == "no_rate":
+        return _no_rate(request)
+    return database_outcome(request.event_id, outcome, credits, available, ledger_after, grant_ids, takes, over,
+                            paused_reason, prior_status, prior_response, prior_credits, prior_hash_matches)
+
+
+def database_outcome(event_id: str, outcome: str, credits, available, ledger_after, grant_ids, takes, over,
+                     paused_reason, prior_status, prior_response, prior_credits,
+                     prior_hash_matches) -> ChargeResult | None:
+    """The answer to ``creditdesk_usage_charge``'s outputs: charged, rejected (credits or a paused
+    wallet), a replay or a conflict; None for ``no_rate`` and ``fallback`` (nothing was written)."""
     if outcome == "charged":
         return _charged(event_id, credits, list(zip(grant_ids, takes, strict=True)), over, available - credits,
                         ledger_after)
@@ -292,65 +335,120 @@ def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -
                             body=body, credits=prior_credits, error=body.get("error"))
     if outcome == "paused":
         return _paused(event_id, credits, paused_reason)
-    if outcome == "no_rate":
-        return _no_rate(request)
     return None
 
 
-def _charge_in_database(requests, hashes, todo, results, now) -> bool:
-    """``_charge`` for priced events through ``creditdesk_usage_charge_batch``
-    (migration 0019): the same locks (grants, then wallets, in primary-key order),
-    decisions and rows, in one statement. Returns False, having written nothing,
-    when the Python engine must decide: a reservation to capture or a team with a
-    spending limit on its wallet. Calls the balance-crossing hook as ``_charge`` does."""
-    if any(requests[i].reservation_id is not None for i in todo):
+_BATCH_SQL = (
+    "SELECT * FROM creditdesk_usage_charge_batch(%s::integer[], %s::text[], %s::bigint[], %s::bigint[],"
+    " %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s, %s)"
+)
+
+
+def _charge_in_database(requests, hashes, results, now) -> bool:
+    """Every event of ``requests`` through ``creditdesk_usage_charge_batch`` (migration
+    0021), filling ``results`` as ``_charge_in_python`` would: the same event-id locks,
+    replays, refusals, locks (grants, then wallets, in primary-key order), decisions and
+    rows, in one statement. Returns False, having written nothing, when the Python engine
+    must decide: a reservation to capture or a team with a spending limit on its wallet.
+    Calls the balance-crossing hook as ``_charge`` does.
+
+    Each distinct payload is priced and sent once (a "shape"); per event only its shape
+    and event id. A repeated (customer, event id) is not sent: it is answered here from
+    its first occurrence's answer (or from the stored event the function returns)."""
+    if any(r.reservation_id is not None for r in requests):
         return False
-    rows = []
-    # A batch repeats its quantities, rates and timestamps: price and format each once.
-    priced: dict[tuple[Decimal, int], tuple[Decimal, str, str]] = {}
-    stamps: dict[tuple, str] = {}
-    for i in todo:
-        request = requests[i]
-        rate = request._rate
-        key = (request.quantity, rate.id)
-        if key not in priced:
-            credits = round_credits(request.quantity * rate.credits_per_unit)
-            priced[key] = (credits, str(credits), str(rate.credits_per_unit))
-        credits, credits_text, rate_text = priced[key]
-        request._credits = credits
-        occurred_at = request.occurred_at
-        stamp_key = (occurred_at, occurred_at.utcoffset())  # one instant, one offset: one text
-        stamp = stamps.get(stamp_key)
-        if stamp is None:
-            stamp = stamps[stamp_key] = occurred_at.isoformat()
-        rows.append({
-            "n": i, "c": request.customer.id, "w": request.wallet_id, "f": request.feature.id,
-            "e": request.event_id, "q": str(request.quantity), "o": stamp, "p": request.properties, "r": rate.id,
-            "u": rate_text, "k": credits_text, "h": hashes[i],
-        })
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT * FROM creditdesk_usage_charge_batch(%s::jsonb, %s, %s)",
-                       [json.dumps(rows), now, timezone.now()])
-        decided = cursor.fetchall()
-    if decided[0][1] == "fallback":
+    rates = _rates_for(requests)
+    firsts: dict[tuple[int, str], int] = {}
+    repeats: list[tuple[int, int]] = []
+    shapes: dict = {}
+    refusals: list[ChargeResult | None] = []  # per shape: the answer of an event that is not charged
+    s_credits: list[Decimal | None] = []
+    s_customer, s_wallet, s_feature, s_rate = [], [], [], []
+    s_quantity, s_occurred_at, s_properties, s_unit, s_credits_text, s_hash = [], [], [], [], [], []
+    p_shape: list[int] = []
+    p_event: list[str] = []
+    p_index: list[int] = []
+    for i, request in enumerate(requests):
+        customer_id = request.customer.id
+        key = (customer_id, request.event_id)
+        first = firsts.get(key)
+        if first is not None:
+            repeats.append((i, first))
+            continue
+        firsts[key] = i
+        hash_ = hashes[i]
+        # The hash fixes customer, feature, quantity, occurred_at and (empty) properties; with the wallet, the row.
+        shape_key = (hash_, customer_id, request.wallet_id, request.feature.id) if not request.properties else -i
+        shape = shapes.get(shape_key)
+        if shape is None:
+            shape = shapes[shape_key] = len(s_hash) + 1
+            refusal = credits = None
+            rate = _pick_rate(rates, request)
+            if rate is None:
+                refusal = _no_rate(request)
+            elif abs(request.quantity * rate.credits_per_unit) > MAX_CREDITS:
+                refusal = _too_big(request.event_id)
+            else:
+                credits = round_credits(request.quantity * rate.credits_per_unit)
+            refusals.append(refusal)
+            s_credits.append(credits)
+            s_customer.append(customer_id)
+            s_wallet.append(request.wallet_id)
+            s_feature.append(request.feature.id)
+            s_quantity.append(str(request.quantity))
+            s_occurred_at.append(request.occurred_at.isoformat())
+            s_properties.append(json.dumps(request.properties))
+            s_rate.append(rate.id if rate is not None else None)
+            s_unit.append(str(rate.credits_per_unit) if rate is not None else None)
+            s_credits_text.append(str(credits) if credits is not None else None)
+            s_hash.append(hash_)
+        refusal = refusals[shape - 1]
+        if refusal is not None:
+            results[i] = ChargeResult(event_id=request.event_id, status=refusal.status,
+                                      http_status=refusal.http_status, body=refusal.body, error=refusal.error)
+        p_shape.append(shape)
+        p_event.append(request.event_id)
+        p_index.append(i)
+
+    decided = prepared.fetch(_BATCH_SQL, (
+        p_shape, p_event, s_customer, s_wallet, s_feature, s_quantity, s_occurred_at, s_properties, s_rate, s_unit,
+        s_credits_text, s_hash, now, timezone.now()), all_rows=True)
+    if decided and decided[-1][1] == "fallback":
         return False
+
+    priors: dict[int, _PriorEvent] = {}
     first_available: dict[int, Decimal] = {}
     last_available: dict[int, Decimal] = {}
     marks: dict[int, tuple] = {}
-    for i, outcome, available, grant_ids, takes, over, ledger_after, paused_reason, below, above in decided:
-        request = requests[i]
-        credits = request._credits
-        wallet_id = request.wallet_id
+    for (n, outcome, available, grant_ids, takes, over, ledger_after, paused_reason, below, above,
+         prior_status, prior_hash, prior_response, prior_credits) in decided:
+        i = p_index[n - 1]
+        event_id = requests[i].event_id
+        if outcome == "duplicate":
+            prior = priors[i] = _PriorEvent(prior_status, prior_hash, json.loads(prior_response), prior_credits)
+            results[i] = _replay(prior, hashes[i], event_id)
+            continue
+        credits = s_credits[p_shape[n - 1] - 1]
+        wallet_id = requests[i].wallet_id
         first_available.setdefault(wallet_id, available)
         if outcome == "charged":
-            results[i] = _charged(request.event_id, credits, list(zip(grant_ids, takes, strict=True)), over,
+            results[i] = _charged(event_id, credits, list(zip(grant_ids, takes, strict=True)), over,
                                   available - credits, ledger_after)
             last_available[wallet_id] = available - credits
             marks[wallet_id] = (below, above)
         elif outcome == "rejected":
-            results[i] = _insufficient(request.event_id, credits, available)
+            results[i] = _insufficient(event_id, credits, available)
         else:
-            results[i] = _paused(request.event_id, credits, paused_reason)
+            results[i] = _paused(event_id, credits, paused_reason)
+    for i, first in repeats:
+        prior = priors.get(first)
+        event_id = requests[i].event_id
+        if prior is not None:
+            results[i] = _replay(prior, hashes[i], event_id)
+        elif hashes[i] != hashes[first]:
+            results[i] = _conflict(event_id)
+        else:
+            results[i] = _repeat(event_id, results[first])
     crossing = [wallet_id for wallet_id, after in last_available.items()
                 if Wallet(alert_below=marks[wallet_id][0], alert_at_or_above=marks[wallet_id][1])
                 .crosses_alert_mark(first_available[wallet_id], after)]
@@ -428,6 +526,12 @@ def _no_rate(request: ChargeRequest) -> ChargeResult:
         f"Feature {request.feature.key!r} has no credit cost effective at {request.occurred_at.isoformat()}.",
         {"occurred_at": "no credit cost is effective at this time"},
     )
+
+
+def _too_big(event_id: str) -> ChargeResult:
+    # More than a ledger entry can hold (NUMERIC(20,6)): refuse it rather than fail the batch.
+    return _invalid(event_id, f"quantity × credit cost is more than one event may charge ({MAX_CREDITS} credits).",
+                    {"quantity": f"priced at more than {MAX_CREDITS} credits"})
 
 
 def _invalid(event_id: str, message: str, details: dict) -> ChargeResult:
