@@ -37,6 +37,7 @@ from billing.api.serializers import (
 from billing.errors import InvalidRequest, NotFound
 from billing.models import CreditGrant, Customer, Feature, FeatureCost, Wallet
 from billing.numbers import MAX_QUANTITY, ZERO, parse_decimal, round_credits
+from billing.services.charge_by_key import usage_charge_by_key
 from billing.services.ledger import headroom, open_holds_total
 from billing.services.team_limits import team_limit_left
 from billing.services.usage import (
@@ -208,10 +209,25 @@ def charge_one(data) -> tuple[int, dict]:
     """POST /usage for a parsed body: (status, body); raises BillingError for a refusal."""
     now = timezone.now()
     event = parse_usage(data, with_event_id=True)
+    if event.occurred_at is None or _in_window(event.occurred_at, now):
+        # The ordinary event: resolved and charged in one statement; what it leaves, the path below answers.
+        result = usage_charge_by_key(customer=event.customer, feature=event.feature, quantity=event.quantity,
+                                     event_id=event.event_id, occurred_at=event.occurred_at,
+                                     properties=event.properties, now=now)
+        if result is not None:
+            return result.http_status, result.body
     found = resolve(event.customer, event.feature)
     check_event(event, found.feature, now)
     result = usage_charge(charge_request(event, found.customer, found.wallet_id, found.feature), now=now)
     return result.http_status, result.body
+
+
+def _in_window(occurred_at: datetime, now: datetime) -> bool:
+    try:
+        check_occurred_at(occurred_at, now)
+    except InvalidRequest:
+        return False
+    return True
 
 
 def _rejected(event_id: str | None, error: dict) -> dict:
