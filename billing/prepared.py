@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import psycopg
 from django.conf import settings
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 
 def fetch(sql: str, params, *, all_rows: bool = False):
@@ -30,11 +30,12 @@ def fetch(sql: str, params, *, all_rows: bool = False):
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchall() if all_rows else cursor.fetchone()
-    if connection.connection is None:
-        connection.ensure_connection()
-    connection.validate_no_broken_transaction()  # as Django's cursor does, inside an atomic block
-    with connection.wrap_database_errors:
-        cursor = psycopg.Cursor(connection.connection)
+    db = connections[DEFAULT_DB_ALIAS]  # the thread's wrapper, looked up once (each lookup costs)
+    if db.connection is None:
+        db.ensure_connection()
+    db.validate_no_broken_transaction()  # as Django's cursor does, inside an atomic block
+    with db.wrap_database_errors:
+        cursor = psycopg.Cursor(db.connection)
         try:
             cursor.execute(sql, params, prepare=True)
             return cursor.fetchall() if all_rows else cursor.fetchone()

@@ -98,24 +98,32 @@ _CUSTOMER_BALANCE_SQL = f"""
 """
 
 
+_BALANCE_PARAMS = {"open": Reservation.Status.OPEN.value, "active": CreditGrant.Status.ACTIVE.value}
+_KINDS = tuple(CreditGrant.Kind.values)
+_OVERDRAFT = Wallet.Policy.OVERDRAFT.value
+
+
 def customer_balance(external_id: str, *, at: datetime | None = None) -> CustomerBalance | None:
     """The balance of a customer's default wallet in one statement (None: no such
     customer): the same figures and grant order as ``wallet_balance``."""
     at = at or timezone.now()
-    rows = prepared.fetch(_CUSTOMER_BALANCE_SQL, {
-        "customer": external_id, "at": at, "open": Reservation.Status.OPEN.value,
-        "active": CreditGrant.Status.ACTIVE.value}, all_rows=True)
+    rows = prepared.fetch(_CUSTOMER_BALANCE_SQL, {"customer": external_id, "at": at, **_BALANCE_PARAMS},
+                          all_rows=True)
     if not rows:
         return None
     ledger_balance, overage, credit_limit, policy, held = rows[0][:5]
-    grants = [BalanceGrant(*row[5:13], feature_key=row[14]) for row in rows if row[5] is not None]
-    by_kind: dict[str, Decimal] = {kind: ZERO for kind in CreditGrant.Kind.values}
+    by_kind: dict[str, Decimal] = dict.fromkeys(_KINDS, ZERO)
+    grants = []
     unscoped = ZERO
-    for grant, row in zip(grants, (r for r in rows if r[5] is not None), strict=True):
+    for row in rows:
+        if row[5] is None:
+            continue
+        grant = BalanceGrant(*row[5:13], feature_key=row[14])
+        grants.append(grant)
         by_kind[grant.kind] = by_kind.get(grant.kind, ZERO) + grant.remaining
         if row[13] is None:
             unscoped += grant.remaining
-    headroom = max(credit_limit - overage, ZERO) if policy == Wallet.Policy.OVERDRAFT else ZERO
+    headroom = max(credit_limit - overage, ZERO) if policy == _OVERDRAFT else ZERO
     return CustomerBalance(available=unscoped - held + headroom, ledger_balance=ledger_balance, held=held,
                            overage=overage, by_kind=by_kind, grants=grants, as_of=at)
 

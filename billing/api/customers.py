@@ -101,7 +101,7 @@ _CREDITS = Decimal("0.000001")
 
 def _credits(value: Decimal) -> str:
     """As ``credits_field`` shows it (``BalanceSerializer``)."""
-    return str(Decimal(value).quantize(_CREDITS))
+    return str((value if type(value) is Decimal else Decimal(value)).quantize(_CREDITS))
 
 
 def balance_body(*, external_id: str) -> tuple[int, dict]:

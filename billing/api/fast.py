@@ -304,7 +304,7 @@ class HotRoutesApplication:
 
     def _serve(self, route: HotRoute, match: re.Match, environ: dict, start_response: Callable):
         from django.core.handlers.wsgi import get_path_info
-        from django.db import connection
+        from django.db import DEFAULT_DB_ALIAS, connections
 
         if environ.get("REQUEST_METHOD") != route.method or not plain_request(_Meta(environ)):
             return self.application(environ, start_response)
@@ -321,8 +321,9 @@ class HotRoutesApplication:
             response = json_error(500, "An unexpected error occurred; it has been logged.")
             answer = (500, response.content)
         finally:
-            if not connection.in_atomic_block:  # (a test's transaction)
-                connection.close_if_unusable_or_obsolete()
+            db = connections[DEFAULT_DB_ALIAS]
+            if not db.in_atomic_block:  # (a test's transaction)
+                db.close_if_unusable_or_obsolete()
         if answer is None:
             return self.application(environ, start_response)
         status, content = answer
