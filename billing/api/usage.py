@@ -262,7 +262,11 @@ class UsageBatchApi(ApiView):
 
 
 def charge_batch(data) -> tuple[int, dict]:
-    """POST /usage/batch for a parsed body: (200, results); raises BillingError for a bad envelope."""
+    """POST /usage/batch for a parsed body: (200, results); raises BillingError for a bad envelope.
+
+    Each event is refused (a ``rejected`` item) for exactly what ``parse_usage``, ``resolve``
+    and ``check_event`` refuse in a single charge; the others are charged together
+    (``usage_charge_many``). Results are in input order."""
     now = timezone.now()
     body = inputs.body_object(data)
     events = body.get("events")
@@ -270,41 +274,111 @@ def charge_batch(data) -> tuple[int, dict]:
         raise InvalidRequest(f"events must be a list of 1 to {MAX_BATCH} usage events.",
                              details={"events": f"must be a list of 1 to {MAX_BATCH} events"})
     items: list[dict | None] = [None] * len(events)
-    parsed: dict[int, UsageInput] = {}
+    parsed: list[tuple[int, UsageInput]] = []
+    accepted: dict[tuple[str, str, str], Decimal] = {}
     for index, raw in enumerate(events):
-        try:
-            parsed[index] = parse_usage(raw, with_event_id=True)
-        except InvalidRequest as exc:
-            items[index] = _rejected(_event_id_of(raw), exc.as_envelope()["error"])
+        event = _plain_event(raw, accepted)
+        if event is None:
+            try:
+                event = parse_usage(raw, with_event_id=True)
+            except InvalidRequest as exc:
+                items[index] = _rejected(_event_id_of(raw), exc.as_envelope()["error"])
+                continue
+            if event.occurred_at is None and not event.properties and type(raw.get("quantity")) is str:
+                accepted[(event.customer, event.feature, raw["quantity"])] = event.quantity
+        parsed.append((index, event))
 
-    customers = {e.customer for e in parsed.values()}
-    keys = {e.feature for e in parsed.values()}
-    wallets = {w.customer.external_id: w for w in Wallet.objects.select_related("customer").filter(
-        customer__external_id__in=customers, is_default=True)} if customers else {}
-    features = {f.key: f for f in Feature.objects.filter(key__in=keys, active=True)} if keys else {}
-
+    found = _resolve_many({(event.customer, event.feature) for _, event in parsed})
     requests: list[ChargeRequest] = []
     positions: list[int] = []
-    for index, event in parsed.items():
+    for index, event in parsed:
+        target = found[(event.customer, event.feature)]
         try:
-            wallet = wallets.get(event.customer)
-            if wallet is None:
-                raise NotFound(f"No customer with external_id {event.customer!r}."[:300],
-                               details={"customer": "not found"})
-            feature = features.get(event.feature)
-            if feature is None:
-                raise NotFound(f"No active feature with key {event.feature!r}."[:300],
-                               details={"feature": "not found"})
-            check_event(event, feature, now)
+            if type(target) is NotFound:
+                raise target
+            check_event(event, target.feature, now)
         except (InvalidRequest, NotFound) as exc:
             items[index] = _rejected(event.event_id, exc.as_envelope()["error"])
             continue
-        requests.append(charge_request(event, wallet.customer, wallet.pk, feature))
+        requests.append(ChargeRequest(
+            customer=target.customer, wallet_id=target.wallet_id, feature=target.feature, quantity=event.quantity,
+            event_id=event.event_id, occurred_at=event.occurred_at, properties=event.properties))
         positions.append(index)
 
     for index, result in zip(positions, usage_charge_many(requests, now=now), strict=True):
         items[index] = _batch_item(result)
     return 200, {"results": items}
+
+
+def _plain_event(raw, accepted: dict[tuple[str, str, str], Decimal]) -> UsageInput | None:
+    """``parse_usage(raw)`` for a body without occurred_at or properties whose customer,
+    feature and quantity strings ``parse_usage`` already accepted in this batch (``accepted``
+    maps them to the parsed quantity) and whose event id is plain ASCII; None otherwise
+    (the caller parses it in full). A batch repeats a few of those under many event ids."""
+    if type(raw) is not dict or raw.get("occurred_at") is not None or raw.get("properties") is not None:
+        return None
+    customer, feature, quantity = raw.get("customer"), raw.get("feature"), raw.get("quantity")
+    if type(customer) is not str or type(feature) is not str or type(quantity) is not str:
+        return None
+    parsed = accepted.get((customer, feature, quantity))
+    event_id = raw.get("event_id")
+    if (parsed is None or type(event_id) is not str or not 0 < len(event_id) <= inputs.MAX_ID_LENGTH
+            or not event_id.isascii() or "\x00" in event_id):
+        return None
+    return UsageInput(customer=customer, feature=feature, quantity=parsed, event_id=event_id, occurred_at=None,
+                      properties={})
+
+
+_RESOLVE_MANY_SQL = f"""
+    SELECT k.c, k.f, w.id, c.id, c.external_id, c.name, c.currency, c.timezone, f.id, f.allow_zero_quantity
+    FROM unnest(%s::text[], %s::text[]) AS k(c, f)
+    JOIN {Customer._meta.db_table} c ON c.external_id = k.c
+    JOIN {Wallet._meta.db_table} w ON w.customer_id = c.id AND w.is_default
+    LEFT JOIN {Feature._meta.db_table} f ON f.key = k.f AND f.active
+"""
+
+
+def _resolve_many(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], Resolved | NotFound]:
+    """``resolve`` for each (customer, feature key): the same answers (a NotFound instead of
+    raising it) and the same cache, with one statement for every pair the cache lacks."""
+    clock = time.monotonic()
+    rows: dict[tuple[str, str], tuple | None] = {}
+    missing = []
+    for pair in pairs:
+        cached = _resolved.get(pair)
+        if cached is not None and cached[0] > clock:
+            rows[pair] = cached[1]
+        else:
+            rows[pair] = None
+            missing.append(pair)
+    if missing:
+        for row in prepared.fetch(_RESOLVE_MANY_SQL, ([c for c, _ in missing], [f for _, f in missing]),
+                                  all_rows=True):
+            pair, row = (row[0], row[1]), row[2:]
+            rows[pair] = row
+            if row[6] is not None:
+                if len(_resolved) >= _RESOLVE_CACHE_MAX:
+                    _resolved.clear()
+                _resolved[pair] = (clock + RESOLVE_CACHE_SECONDS, row)
+    customers: dict[int, Customer] = {}
+    features: dict[int, Feature] = {}
+    found: dict[tuple[str, str], Resolved | NotFound] = {}
+    for (customer, feature_key), row in rows.items():
+        if row is None:
+            found[(customer, feature_key)] = NotFound(f"No customer with external_id {customer!r}."[:300],
+                                                      details={"customer": "not found"})
+        elif row[6] is None:
+            found[(customer, feature_key)] = NotFound(f"No active feature with key {feature_key!r}."[:300],
+                                                      details={"feature": "not found"})
+        else:
+            if row[1] not in customers:
+                customers[row[1]] = Customer.from_db(DEFAULT_DB_ALIAS, _CUSTOMER_FIELDS, row[1:6])
+            if row[6] not in features:
+                features[row[6]] = Feature.from_db(DEFAULT_DB_ALIAS, ["id", "key", "allow_zero_quantity"],
+                                                   [row[6], feature_key, row[7]])
+            found[(customer, feature_key)] = Resolved(customer=customers[row[1]], wallet_id=row[0],
+                                                      feature=features[row[6]])
+    return found
 
 
 def _event_id_of(raw) -> str | None:

@@ -317,6 +317,25 @@ def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -
                             paused_reason, prior_status, prior_response, prior_credits, prior_hash_matches)
 
 
+class _BatchCharged(ChargeResult):
+    """A charged event of a batch: ``_charged``'s answer, its body built from the function's
+    row when first read (the batch API's answer needs only the status and the credits)."""
+
+    def __init__(self, event_id: str, credits: Decimal, row: tuple):
+        self.event_id, self.status, self.http_status, self.credits, self.error = event_id, "charged", 201, credits, None
+        self._row = row
+
+    @property
+    def body(self) -> dict:
+        body = self.__dict__.get("_body")
+        if body is None:
+            _, _, available, grant_ids, takes, over, ledger_after = self._row[:7]
+            body = self.__dict__["_body"] = _charged(
+                self.event_id, self.credits, list(zip(grant_ids, takes, strict=True)), over,
+                available - self.credits, ledger_after).body
+        return body
+
+
 def database_outcome(event_id: str, outcome: str, credits, available, ledger_after, grant_ids, takes, over,
                      paused_reason, prior_status, prior_response, prior_credits,
                      prior_hash_matches) -> ChargeResult | None:
@@ -338,9 +357,13 @@ def database_outcome(event_id: str, outcome: str, credits, available, ledger_aft
     return None
 
 
+# The per-event arrays travel as text PostgreSQL parses in C (an array literal of integers,
+# a JSON array of event ids), not as lists psycopg adapts element by element.
 _BATCH_SQL = (
-    "SELECT * FROM creditdesk_usage_charge_batch(%s::integer[], %s::text[], %s::bigint[], %s::bigint[],"
-    " %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s, %s)"
+    "SELECT * FROM creditdesk_usage_charge_batch(%s::integer[],"
+    " ARRAY(SELECT e FROM json_array_elements_text(%s::json) WITH ORDINALITY AS t(e, o) ORDER BY o),"
+    " %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[],"
+    " %s::text[], %s::text[], %s, %s)"
 )
 
 
@@ -411,8 +434,8 @@ def _charge_in_database(requests, hashes, results, now) -> bool:
         p_index.append(i)
 
     decided = prepared.fetch(_BATCH_SQL, (
-        p_shape, p_event, s_customer, s_wallet, s_feature, s_quantity, s_occurred_at, s_properties, s_rate, s_unit,
-        s_credits_text, s_hash, now, timezone.now()), all_rows=True)
+        "{" + ",".join(map(str, p_shape)) + "}", json.dumps(p_event), s_customer, s_wallet, s_feature, s_quantity,
+        s_occurred_at, s_properties, s_rate, s_unit, s_credits_text, s_hash, now, timezone.now()), all_rows=True)
     if decided and decided[-1][1] == "fallback":
         return False
 
@@ -420,8 +443,9 @@ def _charge_in_database(requests, hashes, results, now) -> bool:
     first_available: dict[int, Decimal] = {}
     last_available: dict[int, Decimal] = {}
     marks: dict[int, tuple] = {}
-    for (n, outcome, available, grant_ids, takes, over, ledger_after, paused_reason, below, above,
-         prior_status, prior_hash, prior_response, prior_credits) in decided:
+    for row in decided:
+        (n, outcome, available, _, _, _, _, paused_reason, below, above, prior_status, prior_hash, prior_response,
+         prior_credits) = row
         i = p_index[n - 1]
         event_id = requests[i].event_id
         if outcome == "duplicate":
@@ -432,8 +456,7 @@ def _charge_in_database(requests, hashes, results, now) -> bool:
         wallet_id = requests[i].wallet_id
         first_available.setdefault(wallet_id, available)
         if outcome == "charged":
-            results[i] = _charged(event_id, credits, list(zip(grant_ids, takes, strict=True)), over,
-                                  available - credits, ledger_after)
+            results[i] = _BatchCharged(event_id, credits, row)
             last_available[wallet_id] = available - credits
             marks[wallet_id] = (below, above)
         elif outcome == "rejected":
