@@ -14,6 +14,7 @@ import hashlib
 import json
 import random
 import threading
+from collections import Counter
 from datetime import UTC, timedelta
 from decimal import Decimal
 
@@ -158,6 +159,12 @@ def _books(wallet) -> dict:
     }
 
 
+def _shape(allocations: list[dict]) -> str:
+    if allocations and allocations[-1].get("overage"):
+        return "overage"
+    return ("none", "one grant")[len(allocations)] if len(allocations) < 2 else "several grants"
+
+
 def _first_difference(left, right) -> str:
     if isinstance(left, list) and isinstance(right, list):
         for a, b in zip(left, right, strict=False):
@@ -176,12 +183,15 @@ def test_fast_paths_match_the_previous_engine_on_random_scenarios(monkeypatch):
 
     monkeypatch.setattr(events, "_crossing_handlers", [record])
     database_answers = 0
+    charged_shapes: Counter = Counter()  # the function's charged answers: no grant, one, several, with overage
     real = usage._charge_one_in_database
 
     def counting(*args, **kwargs):
         nonlocal database_answers
         result = real(*args, **kwargs)
         database_answers += result is not None
+        if result is not None and result.status == "charged":
+            charged_shapes[_shape(result.body["allocations"])] += 1
         return result
 
     monkeypatch.setattr(usage, "_charge_one_in_database", counting)
@@ -225,8 +235,81 @@ def test_fast_paths_match_the_previous_engine_on_random_scenarios(monkeypatch):
         compared += len(stream)
     # The comparison means something only if the database function answered most events itself.
     assert database_answers > compared * 0.8
+    # Each way the function writes a charge was compared (migration 0020 has one statement for one grant
+    # without overage and another for the rest).
+    assert min(charged_shapes[shape] for shape in ("none", "one grant", "several grants", "overage")) >= 5, (
+        charged_shapes)
     # Every scenario's batch has events to charge; only a limited team's would go back to Python.
     assert batches_in_database >= 50
+
+
+def _layered_wallet(index: str, feature, other, now, *, policy: str) -> tuple:
+    """A wallet whose grants differ in every consumption-order key (DESIGN.md §3), with grants usable
+    or not at the exact boundaries of ``now`` (effective at it, expiring at it), feature scopes and a hold."""
+    customer = make_customer(f"hp-layers-{index}", policy=policy, credit_limit=Decimal("12.5"))
+    wallet = default_wallet(customer)
+    day, tick = timedelta(days=1), timedelta(microseconds=1)
+    grant(wallet, "2", priority=90, effective_at=now - day)
+    grant(wallet, "1.5", kind="promotional", priority=50, effective_at=now - day, expires_at=now + 30 * day)
+    grant(wallet, "1.25", priority=50, effective_at=now - day, expires_at=now + 30 * day)  # free before paid
+    grant(wallet, "1", priority=50, effective_at=now - 2 * day, expires_at=now + 30 * day)  # older first
+    grant(wallet, "3", priority=50, effective_at=now - day, expires_at=now + 2 * day)
+    grant(wallet, "0.75", priority=50, effective_at=now - day)  # never expires: after those that do
+    grant(wallet, "4", priority=10, effective_at=now - day, feature=other)  # out of scope for ``feature``
+    grant(wallet, "0.5", priority=10, effective_at=now - day, feature=feature)
+    grant(wallet, "9", priority=0, effective_at=now - 3 * day, expires_at=now)  # expired at ``now`` exactly
+    grant(wallet, "7", priority=0, effective_at=now + tick)  # not yet effective
+    grant(wallet, "0.25", priority=0, effective_at=now, expires_at=now + tick)  # usable for that instant
+    reservation_create(customer=customer, wallet_id=wallet.pk, amount=Decimal("0.5"), ttl_seconds=3600,
+                       now=now - timedelta(minutes=1))
+    wallet.refresh_from_db()
+    return customer, wallet, [feature]
+
+
+@pytest.mark.django_db
+def test_fast_path_matches_the_previous_engine_across_layered_grants(monkeypatch):
+    """Charges that walk a wallet's grants one consumption-order key at a time, then run out (block)
+    or into overage up to the credit limit (overdraft): the function answers each of them, and its
+    answers and rows are the Python engine's and the oracle's."""
+    monkeypatch.setattr(events, "_crossing_handlers", [])
+    database_answers = []
+    real = usage._charge_one_in_database
+    monkeypatch.setattr(usage, "_charge_one_in_database",
+                        lambda *a, **k: database_answers.append(real(*a, **k)) or database_answers[-1])
+    now = timezone.now()
+    feature, other = make_feature("hp-layers", "1"), make_feature("hp-layers-other", "1")
+    worlds = [_layered_wallet("block", feature, other, now, policy=Wallet.Policy.BLOCK),
+              _layered_wallet("overdraft", feature, other, now, policy=Wallet.Policy.OVERDRAFT)]
+    stream = [
+        {"customer": customer, "wallet": wallet, "feature": feature, "quantity": Decimal(quantity),
+         "event_id": f"layer-{n}", "occurred_at": None, "properties": {}, "now": now}
+        for customer, wallet, _ in worlds
+        for n, quantity in enumerate(["0.25", "1", "2.5", "0.000001", "3", "1.7", "5", "0", "20", "1"])
+    ]
+    runs = {}
+    for name in ("oracle, one by one", "fast path, one by one", "python engine, one by one"):
+        monkeypatch.setattr(usage, "FAST_PATH", not name.startswith("python engine"))
+        database_answers.clear()
+        savepoint = transaction.savepoint()
+        answers = [_answer(result) for result in ENGINES[name](stream)]
+        runs[name] = (answers, [_books(wallet) for _, wallet, _ in worlds], len(database_answers),
+                      sum(answer is not None for answer in database_answers))
+        for _, wallet, _ in worlds:
+            assert_ledger_consistent(wallet)
+        transaction.savepoint_rollback(savepoint)
+    oracle_answers, oracle_books, _, _ = runs["oracle, one by one"]
+    shapes = Counter(_shape(json.loads(answer[3])["allocations"]) for answer in oracle_answers
+                     if answer[1] == "charged")
+    assert shapes["several grants"] >= 4 and shapes["overage"] >= 1 and shapes["one grant"] >= 2, shapes
+    assert {answer[1] for answer in oracle_answers} >= {"charged", "rejected"}
+    for name in ("fast path, one by one", "python engine, one by one"):
+        answers, books, _, _ = runs[name]
+        assert [_unordered(a) for a in answers] == [_unordered(a) for a in oracle_answers], name
+        for wallet_books, expected in zip(books, oracle_books, strict=True):
+            for table, rows in expected.items():
+                assert wallet_books[table] == rows, f"{name}: {table}: {_first_difference(wallet_books[table], rows)}"
+    assert runs["fast path, one by one"][0] == runs["python engine, one by one"][0]
+    assert runs["fast path, one by one"][2:] == (len(stream), len(stream))  # the function decided every event
 
 
 @pytest.mark.django_db
