@@ -14,26 +14,46 @@ with no thread switch. Every other request (the admin, reports, documents) goes
 to a pool of ``--threads`` threads, as with ``gthread``, so a slow page never
 holds up the loop; its answer comes back to the loop to be written.
 
-What it guarantees, as a gunicorn worker:
-- HTTP/1.0 and 1.1 with keep-alive (``--keep-alive`` seconds idle), pipelining
-  (answers in request order), ``Expect: 100-continue``, chunked request bodies;
+What it guarantees, as a gunicorn worker (tests/test_gunicorn_worker.py):
+- HTTP/1.0 and 1.1 with keep-alive (``--keep-alive`` seconds idle, 0: none),
+  pipelining (answers in request order; a connection's next requests are read
+  once its answers are out), ``Expect: 100-continue``, chunked request bodies;
   a request line, header or body over gunicorn's ``--limit-request-*`` settings or
-  ``MAX_BODY`` gets a 4xx and the connection closed; a malformed request a 400.
-- Responses carry ``Content-Length`` (a body without one is buffered and
-  measured), ``Date`` and ``Connection: close`` when the connection ends; HEAD,
-  1xx, 204 and 304 answers carry no body.
+  ``MAX_BODY`` (a declared Content-Length is refused before the body is read)
+  gets a 4xx and the connection closed; a malformed request a 400, after the
+  answers to the requests before it.
+- Responses are buffered whole and carry ``Content-Length`` (measured when the
+  application gives none), ``Date`` and ``Connection: close`` when the
+  connection ends; HEAD, 1xx, 204 and 304 answers carry no body. A status or
+  header the application gives that would break the response (CR/LF, not
+  latin-1) becomes a 500.
 - The WSGI iterable is always closed (Django's ``request_finished``: database
-  connections are returned); an application error becomes a plain 500.
-- Heartbeat to the arbiter at least every second, ``--max-requests``,
-  ``--worker-connections``, graceful stop on SIGTERM (in-flight requests finish
-  within ``--graceful-timeout``), gunicorn's access log.
-Not supported: TLS (terminate it in front), HTTP/2, WebSocket upgrades (answered 501).
+  connections are returned); an application error becomes a plain 500 and the
+  worker serves on.
+- The environ as gunicorn builds it: ``SCRIPT_NAME`` from the environment
+  (``--env SCRIPT_NAME=/prefix``; a path outside it: 404) or, from a trusted
+  proxy, the ``SCRIPT_NAME`` header; ``wsgi.url_scheme`` https when a peer in
+  ``--forwarded-allow-ips`` (a unix-socket peer always) sends one of
+  ``--secure-scheme-headers`` with its secure value (contradicting ones: 400);
+  headers with ``_`` dropped unless ``--forwarder-headers``/``--header-map``
+  say otherwise; REMOTE_ADDR the peer; SERVER_NAME/PORT the listening address
+  (the Host header's on a unix socket).
+- Heartbeat to the arbiter every half second while the loop turns (a quick
+  request that blocks the loop past ``--timeout`` gets the worker restarted),
+  ``--max-requests``, ``--worker-connections`` (over it, no more are accepted
+  until one closes), idle connections closed after ``--keep-alive`` seconds (a
+  half-received request after ``--timeout``), graceful stop on SIGTERM (requests
+  in flight finish within ``--graceful-timeout`` and their answers go out),
+  gunicorn's access log, TCP and unix-socket binds.
+Not supported: TLS (terminate it in front; ``--certfile`` refuses to boot), HTTP/2,
+protocol upgrades (``Connection: Upgrade``, answered 501), streaming responses.
 """
 
 from __future__ import annotations
 
 import errno
 import io
+import ipaddress
 import os
 import queue
 import selectors
@@ -46,14 +66,15 @@ from email.utils import formatdate
 from urllib.parse import unquote_to_bytes
 
 import httptools
+from gunicorn import SERVER_SOFTWARE
 from gunicorn.workers import base
 
 # The largest request body read into memory (bigger: 413). Django applies its own,
 # smaller limits (DATA_UPLOAD_MAX_MEMORY_SIZE) to what it parses.
 MAX_BODY = 32 * 1024 * 1024
 RECV_SIZE = 256 * 1024
-_REASONS = {400: "Bad Request", 414: "Request-URI Too Long", 413: "Request Entity Too Large", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 501: "Not Implemented"}
+_REASONS = {400: "Bad Request", 404: "Not Found", 413: "Request Entity Too Large", 414: "Request-URI Too Long",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented"}
 _NO_BODY = frozenset((204, 304))
 
 
@@ -66,24 +87,27 @@ class RequestRefused(Exception):
 
 
 class _Request:
-    __slots__ = ("method", "url", "headers", "body", "keep_alive", "version", "upgrade", "received")
+    __slots__ = ("method", "url", "headers", "body", "keep_alive", "version", "upgrade", "received", "expect")
 
     def __init__(self):
         self.url = b""
         self.headers: list[tuple[str, str]] = []
         self.body: list[bytes] = []
         self.upgrade = False
+        self.expect = False  # a 100 Continue is owed once the answers before it are out
 
 
 class Connection:
     """One client socket: its parser, the requests parsed and not yet answered, the bytes
     still to send. Only the loop thread touches it, except ``busy`` requests' environ."""
 
-    def __init__(self, worker: LoopWorker, sock: socket.socket, client):
+    def __init__(self, worker: LoopWorker, sock: socket.socket, client, server: tuple[str, str] | None,
+                 trusted: bool):
         self.worker, self.sock, self.client = worker, sock, client
+        self.server = server  # (SERVER_NAME, SERVER_PORT) of the listener; None on a unix socket
+        self.trusted = trusted  # the peer may set the scheme and forwarder headers
         self.parser = httptools.HttpRequestParser(self)
         self.current: _Request | None = None
-        self.header_bytes = 0
         self.body_bytes = 0
         self.pending: list[_Request] = []
         self.out = bytearray()
@@ -97,7 +121,6 @@ class Connection:
     def on_message_begin(self):
         self.current = _Request()
         self.current.received = time.monotonic()
-        self.header_bytes = 0
         self.body_bytes = 0
 
     def on_url(self, url: bytes):
@@ -108,12 +131,25 @@ class Connection:
 
     def on_header(self, name: bytes, value: bytes):
         cfg = self.worker.cfg
-        self.header_bytes += len(name) + len(value)
-        headers = self.current.headers
+        request = self.current
+        headers = request.headers
         if cfg.limit_request_fields and len(headers) >= cfg.limit_request_fields:
             raise RequestRefused(431, "Too many header fields")
         if cfg.limit_request_field_size and len(name) + len(value) > cfg.limit_request_field_size:
             raise RequestRefused(431, "Header field too large")
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            if value.strip().isdigit() and int(value) > MAX_BODY:
+                raise RequestRefused(413, "Request body too large")
+        elif size == 6 and name.lower() == b"expect":
+            request.expect = value.strip().lower() == b"100-continue"
+        elif b"_" in name and not (
+                cfg.header_map == "dangerous"
+                or (self.trusted and name.decode("latin-1").upper() in cfg.forwarder_headers)):
+            # "X_Forwarded_For" must not pose as X-Forwarded-For (both are HTTP_X_FORWARDED_FOR)
+            if cfg.header_map == "drop":
+                return
+            raise RequestRefused(400, "Header name with an underscore")
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self):
@@ -121,10 +157,13 @@ class Connection:
         request.method = parser.get_method().decode("ascii")
         request.version = parser.get_http_version()
         request.upgrade = parser.should_upgrade()
-        for name, value in request.headers:
-            if len(name) == 6 and name.lower() == "expect" and value.lower() == "100-continue":
-                if request.version == "1.1":
-                    self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if request.expect:
+            # RFC 9110 10.1.1: ignored from an HTTP/1.0 client; otherwise sent now, unless answers to
+            # earlier requests of this connection are still due (then ``LoopWorker.advance`` sends it).
+            request.expect = request.version != "1.0"
+            if request.expect and not self.busy and not self.pending:
+                request.expect = False
+                self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes):
         self.body_bytes += len(body)
@@ -172,6 +211,8 @@ class LoopWorker(base.Worker):
     """See the module docstring."""
 
     def init_process(self):
+        if self.cfg.is_ssl:
+            raise RuntimeError("config.gunicorn_worker.LoopWorker does not speak TLS: terminate it in front")
         self.selector = selectors.DefaultSelector()
         self.pool = ThreadPoolExecutor(max(1, self.cfg.threads), thread_name_prefix="creditdesk-web")
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
@@ -180,24 +221,32 @@ class LoopWorker(base.Worker):
         self.wakeup_w.setblocking(False)
         self.connections: dict[int, Connection] = {}
         self.in_pool = 0
+        self.accepting = False
         self._date = (0, b"")
         super().init_process()
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self):
+        self.listeners = {}
         for listener in self.sockets:
             listener.setblocking(False)
-            self.selector.register(listener, selectors.EVENT_READ, "accept")
+            address = listener.getsockname()
+            self.listeners[listener] = (str(address[0]), str(address[1])) if isinstance(address, tuple) else None
+        self.accept_more()
         os.set_blocking(self.PIPE[0], False)
         self.selector.register(self.PIPE[0], selectors.EVENT_READ, "signal")
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, "finished")
         self.quick = getattr(self.wsgi, "is_quick", None)
-        address = self.sockets[0].getsockname() if self.sockets else None
-        self.server_address = (str(address[0]), str(address[1])) if isinstance(address, tuple) else ("", "")
-        last_sweep = time.monotonic()
+        cfg = self.cfg
+        # gunicorn reads SCRIPT_NAME from the environment (``--env`` sets it there before this runs)
+        self.script_name = os.environ.get("SCRIPT_NAME", "").rstrip("/")
+        self.scheme_keys = {"HTTP_" + name.upper().replace("-", "_"): value
+                            for name, value in cfg.secure_scheme_headers.items()}
+        self.allow_all = "*" in cfg.forwarded_allow_ips
+        self.allow_networks = cfg.forwarded_allow_networks()
+        last_beat = 0.0
         while self.alive:
-            self.notify()
-            for key, events in self.selector.select(timeout=1.0):
+            for key, events in self.selector.select(timeout=0.5):
                 data = key.data
                 if data == "accept":
                     self.accept(key.fileobj)
@@ -212,13 +261,15 @@ class LoopWorker(base.Worker):
                         self.readable(data)
                     self.advance(data)
             self.collect_finished()
-            if self.ppid != os.getppid():
-                self.log.info("Parent changed, shutting down: %s", self)
-                break
             now = time.monotonic()
-            if now - last_sweep >= 1.0:
-                last_sweep = now
+            if now - last_beat >= 0.5:  # a syscall or two: not on every turn of a busy loop
+                last_beat = now
+                self.notify()
+                if self.ppid != os.getppid():
+                    self.log.info("Parent changed, shutting down: %s", self)
+                    break
                 self.close_idle(now)
+                self.accept_more()
         self.stop_gracefully()
 
     def _drain(self, fd) -> None:
@@ -229,33 +280,68 @@ class LoopWorker(base.Worker):
             pass
 
     def accept(self, listener) -> None:
-        for _ in range(64):
-            if len(self.connections) >= self.cfg.worker_connections:
+        # One connection per wake-up: every worker is woken for a new connection, and a worker
+        # that took a burst of them would serve them all, one request at a time, while the
+        # other workers sat idle (a benchmark's clients all connect at once).
+        if len(self.connections) >= self.cfg.worker_connections:
+            self.accept_no_more()  # until a connection closes; the others wait in the backlog
+            return
+        try:
+            sock, client = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.log.warning("Out of file descriptors: no new connections for now")
+                self.accept_no_more()  # until a connection closes or the next heartbeat
                 return
-            try:
-                sock, client = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EMFILE, errno.ENFILE):
-                    raise
-                return
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(self, sock, client)
-            self.connections[sock.fileno()] = conn
-            self.watch(conn)
+            if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
+                raise
+            return
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(self, sock, client, self.listeners[listener], self.trusts(client))
+        self.connections[sock.fileno()] = conn
+        self.watch(conn)
+        if len(self.connections) >= self.cfg.worker_connections:
+            self.accept_no_more()
+
+    def accept_more(self) -> None:
+        """Watch the listeners again, unless stopping or still at ``--worker-connections``."""
+        if not self.accepting and self.alive and len(self.connections) < self.cfg.worker_connections:
+            for listener in self.listeners:
+                self.selector.register(listener, selectors.EVENT_READ, "accept")
+            self.accepting = True
+
+    def accept_no_more(self) -> None:
+        """Stop watching the listeners (a listener with a waiting client would wake the loop at once)."""
+        if self.accepting:
+            for listener in self.listeners:
+                self.selector.unregister(listener)
+            self.accepting = False
+
+    def trusts(self, client) -> bool:
+        """Whether the peer may set the scheme and forwarder headers: in ``--forwarded-allow-ips``, or
+        on a unix socket (as gunicorn decides)."""
+        if not isinstance(client, tuple) or self.allow_all:
+            return True
+        try:
+            address = ipaddress.ip_address(client[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self.allow_networks)
 
     def watch(self, conn: Connection) -> None:
         """Register the connection for what it waits on: writing while bytes are left to
-        send, reading while it can still take a request (not while one is in the pool)."""
+        send, reading while it can still take a request and owes no answer (none in the pool,
+        none parsed and waiting, nothing left to send: a client cannot pile requests up)."""
         if conn.sock.fileno() < 0:
             return
         wanted = 0
         if conn.out:
             wanted |= selectors.EVENT_WRITE
-        if not conn.eof and not conn.closing:
+        elif not conn.eof and not conn.closing and not conn.busy and not conn.pending:
             wanted |= selectors.EVENT_READ
         if wanted != conn.watching:
             if conn.watching and wanted:
@@ -295,7 +381,9 @@ class LoopWorker(base.Worker):
         self.watch(conn)
 
     def advance(self, conn: Connection) -> None:
-        """Answer the connection's next parsed request unless one is in flight; close it when done."""
+        """Answer the connection's next parsed requests, in order, unless one is in flight; send a
+        100 Continue owed to the request being received once the answers before it are out;
+        close the connection when done."""
         while not conn.busy and conn.pending and not conn.closing and not conn.out:
             request = conn.pending.pop(0)
             if isinstance(request, _Refusal):
@@ -306,16 +394,37 @@ class LoopWorker(base.Worker):
                 conn.send(_error_response(501))
                 conn.closing = True
                 break
-            environ = self.environ(conn, request)
-            if self.quick is not None and self.quick(environ):
+            try:
+                environ = self.environ(conn, request)
+            except RequestRefused as refused:
+                conn.send(_error_response(refused.status))
+                conn.closing = True
+                break
+            if self.is_quick(environ):
                 self.respond(conn, request, environ, *self.call_application(environ))
             else:
                 conn.busy = True
                 self.in_pool += 1
                 self.pool.submit(self._pooled, conn, request, environ)
                 break
+        current = conn.current
+        if current is not None and current.expect and not conn.busy and not conn.pending and not conn.closing:
+            current.expect = False
+            conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not conn.busy and not conn.out and (conn.closing or (conn.eof and not conn.pending)):
             self.close(conn)
+        else:
+            self.watch(conn)
+
+    def is_quick(self, environ: dict) -> bool:
+        """The application's ``is_quick(environ)``; False without one or when it fails."""
+        if self.quick is None:
+            return False
+        try:
+            return self.quick(environ)
+        except Exception:
+            self.log.exception("is_quick failed for %s", environ.get("RAW_URI"))
+            return False
 
     def _pooled(self, conn: Connection, request: _Request, environ: dict) -> None:
         result = self.call_application(environ)
@@ -368,14 +477,40 @@ class LoopWorker(base.Worker):
 
     def respond(self, conn: Connection, request: _Request, environ: dict, status: str, headers: list,
                 body: bytes) -> None:
-        code = int(status[:3])
-        keep_alive = request.keep_alive and self.alive and not conn.eof
+        """Write the answer to ``request``: keep-alive unless the client, ``--keep-alive 0``, a
+        stopping worker or a client that sent its last request says otherwise."""
+        # after the client's end of stream, the requests it sent before still get their answers
+        keep_alive = (request.keep_alive and self.alive and self.cfg.keepalive > 0
+                      and not (conn.eof and not conn.pending))
         self.nr += 1
-        if self.max_requests and self.nr >= self.max_requests:
+        if self.nr >= self.max_requests:
             if self.alive:
                 self.log.info("Autorestarting worker after current request.")
             self.alive = False
             keep_alive = False
+        try:
+            code, head = self._head(request, status, headers, len(body), keep_alive)
+        except (ValueError, TypeError, UnicodeEncodeError):
+            self.log.exception("Invalid response to %s: %r %r", environ.get("RAW_URI"), status, headers)
+            status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"Internal Server Error"
+            code, head = self._head(request, status, headers, len(body), keep_alive)
+        if request.method == "HEAD" or code in _NO_BODY or code < 200:
+            body = b""
+        conn.send(head + body)
+        conn.last_active = time.monotonic()  # the keep-alive wait starts now
+        if not keep_alive:
+            conn.closing = True
+        if self.log.access_log_enabled:
+            self.log.access(_AccessResponse(status, headers, len(body)), request, environ,
+                            timedelta(seconds=time.monotonic() - request.received))
+
+    def _head(self, request: _Request, status: str, headers: list, length: int, keep_alive: bool) -> tuple[int, bytes]:
+        """The status code and the encoded head of an answer. Raises ValueError for a status or
+        header that would break the message (a CR or LF in it, no 3-digit code), UnicodeEncodeError
+        for one not in latin-1."""
+        code = int(status[:3])
+        if code < 100 or status[3:4] not in ("", " "):
+            raise ValueError("bad status")
         lines = [f"HTTP/{request.version} {status}\r\n"]
         has_length = False
         for name, value in headers:
@@ -385,20 +520,15 @@ class LoopWorker(base.Worker):
             elif lowered in ("connection", "transfer-encoding", "keep-alive"):
                 continue  # hop-by-hop: this server decides
             lines.append(f"{name}: {value}\r\n")
-        no_body = code in _NO_BODY or code < 200
-        if not has_length and not no_body:
-            lines.append(f"Content-Length: {len(body)}\r\n")
+        if not has_length and code not in _NO_BODY and code >= 200:
+            lines.append(f"Content-Length: {length}\r\n")
         lines.append(f"Date: {self.http_date()}\r\n")
         lines.append("Connection: keep-alive\r\n\r\n" if keep_alive else "Connection: close\r\n\r\n")
-        head = "".join(lines).encode("latin-1")
-        if request.method == "HEAD" or no_body:
-            body = b""
-        conn.send(head + body)
-        if not keep_alive:
-            conn.closing = True
-        if self.log.access_log_enabled:
-            self.log.access(_AccessResponse(status, headers, len(body)), request, environ,
-                            timedelta(seconds=time.monotonic() - request.received))
+        head = "".join(lines)
+        # one CR LF per line and the blank line: any other CR or LF came from the application
+        if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
+            raise ValueError("CR or LF in the status or a header")
+        return code, head.encode("latin-1")
 
     def http_date(self) -> str:
         now = int(time.time())
@@ -407,26 +537,25 @@ class LoopWorker(base.Worker):
         return self._date[1]
 
     def environ(self, conn: Connection, request: _Request) -> dict:
-        """The PEP 3333 environ of a request (headers with ``_`` in their name are dropped, as
-        gunicorn does by default, so that they cannot pose as others)."""
+        """The PEP 3333 environ of a request, as gunicorn's ``http.wsgi.create`` makes it (see the
+        module docstring). Raises RequestRefused: 400 for contradicting scheme headers, 404 for a
+        path outside SCRIPT_NAME. Headers with ``_`` in their name were dropped by the parser
+        (unless allowed), so that they cannot pose as others."""
         url = request.url
         path, _, query = url.partition(b"?")
         path = path.partition(b"#")[0]
+        query = query.partition(b"#")[0]
         if path.startswith(b"http://") or path.startswith(b"https://"):  # absolute form
             path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
         body = b"".join(request.body)
-        server = self.server_address
+        client = conn.client
         environ = {
             "REQUEST_METHOD": request.method,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
             "QUERY_STRING": query.decode("latin-1"),
             "RAW_URI": url.decode("latin-1"),
             "SERVER_PROTOCOL": f"HTTP/{request.version}",
-            "SERVER_NAME": server[0],
-            "SERVER_PORT": server[1],
-            "REMOTE_ADDR": conn.client[0] if isinstance(conn.client, tuple) else "",
-            "REMOTE_PORT": str(conn.client[1]) if isinstance(conn.client, tuple) else "",
+            "SERVER_SOFTWARE": SERVER_SOFTWARE,
+            "REMOTE_ADDR": client[0] if isinstance(client, tuple) else _text(client),
             "CONTENT_LENGTH": str(len(body)) if body else "",
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http",
@@ -437,9 +566,11 @@ class LoopWorker(base.Worker):
             "wsgi.multiprocess": self.cfg.workers > 1,
             "wsgi.run_once": False,
         }
+        if isinstance(client, tuple):
+            environ["REMOTE_PORT"] = str(client[1])
+        scheme_keys = self.scheme_keys if conn.trusted else _NONE
+        scheme = None
         for name, value in request.headers:
-            if "_" in name:
-                continue
             key = name.upper().replace("-", "_")
             if key == "CONTENT_TYPE":
                 environ["CONTENT_TYPE"] = value
@@ -447,8 +578,26 @@ class LoopWorker(base.Worker):
             if key == "CONTENT_LENGTH":
                 continue  # the body's real length, set above
             key = "HTTP_" + key
+            if key in scheme_keys:
+                secure = "https" if value.strip() == scheme_keys[key] else "http"
+                if scheme is not None and secure != scheme:
+                    raise RequestRefused(400, "Contradicting scheme headers")
+                scheme = environ["wsgi.url_scheme"] = secure
             environ[key] = f"{environ[key]},{value}" if key in environ else value
         environ.setdefault("CONTENT_TYPE", "")
+        # a trusted proxy's SCRIPT_NAME header (only kept when allowed, see on_header) wins
+        script_name = environ.get("HTTP_SCRIPT_NAME", self.script_name).rstrip("/")
+        if script_name:
+            prefix = script_name.encode("latin-1")
+            if path != prefix and not path.startswith(prefix + b"/"):
+                raise RequestRefused(404, "Outside SCRIPT_NAME")
+            path = path[len(prefix):]
+        environ["SCRIPT_NAME"] = script_name
+        environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1")
+        server = conn.server
+        if server is None:  # a unix socket: the Host header says which server the client asked for
+            server = _host_and_port(environ.get("HTTP_HOST", ""), environ["wsgi.url_scheme"])
+        environ["SERVER_NAME"], environ["SERVER_PORT"] = server
         return environ
 
     # --- housekeeping ---------------------------------------------------------------------------
@@ -461,26 +610,37 @@ class LoopWorker(base.Worker):
             conn.sock.close()
         except OSError:
             pass
+        if not self.accepting:
+            self.accept_more()
 
     def close_idle(self, now: float) -> None:
-        limit = max(self.cfg.keepalive, 1)
+        """Close connections idle between requests for ``--keep-alive`` seconds, and those in the
+        middle of sending a request for ``--timeout`` seconds."""
+        idle = max(self.cfg.keepalive, 1)
+        receiving = max(self.cfg.timeout, idle)
         for conn in list(self.connections.values()):
-            if not conn.busy and not conn.out and not conn.pending and now - conn.last_active > limit:
-                self.close(conn)
+            if not conn.busy and not conn.out and not conn.pending:
+                if now - conn.last_active > (idle if conn.current is None else receiving):
+                    self.close(conn)
 
     def stop_gracefully(self) -> None:
-        """Stop accepting; let requests in flight finish and their answers go out, then close."""
-        for listener in self.sockets:
-            try:
-                self.selector.unregister(listener)
-            except (KeyError, ValueError):
-                pass
+        """Stop accepting and reading; let requests in flight finish and their answers go out
+        (within ``--graceful-timeout``); close every connection."""
+        self.accept_no_more()
+        for conn in list(self.connections.values()):
+            conn.eof = True  # read nothing more: no new request starts
+            self.watch(conn)
         deadline = time.monotonic() + self.cfg.graceful_timeout
-        while (self.in_pool or any(c.out for c in self.connections.values())) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            for conn in list(self.connections.values()):
+                if not conn.busy and not conn.out:
+                    self.close(conn)
+            if not self.connections:
+                break
             self.notify()
-            for key, events in self.selector.select(timeout=0.2):
+            for key, _events in self.selector.select(timeout=0.2):
                 data = key.data
-                if isinstance(data, Connection) and events & selectors.EVENT_WRITE:
+                if isinstance(data, Connection):
                     data.flush()
                 elif data == "finished":
                     self._drain(self.wakeup_r)
@@ -501,6 +661,26 @@ class _Refusal:
 
 def _refusal(status: int) -> _Refusal:
     return _Refusal(status)
+
+
+_NONE: dict = {}
+
+
+def _text(client) -> str:
+    """REMOTE_ADDR for a unix-socket peer (its address, usually empty), as gunicorn sets it."""
+    return client.decode("latin-1") if isinstance(client, bytes) else str(client or "")
+
+
+def _host_and_port(host: str, scheme: str) -> tuple[str, str]:
+    """SERVER_NAME and SERVER_PORT from a Host header ("name", "name:port", "[v6]:port")."""
+    if not host:
+        return "", ""
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        name, port = name + "]", rest[1:] if rest.startswith(":") else ""
+    else:
+        name, _, port = host.partition(":")
+    return name, port or ("443" if scheme == "https" else "80")
 
 
 def _error_response(status: int) -> bytes:
