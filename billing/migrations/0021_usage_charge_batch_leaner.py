@@ -15,13 +15,15 @@ caller's. In one statement, in this order:
 3. the rest whose shape has credits (a priced event; the caller answers the
    unpriced ones) are decided exactly as migration 0019's function decides them:
    locks on the usable grants of their wallets then the wallets, in primary-key
-   order; a ``fallback`` row alone, having written nothing, when a limited team is
+   order; a last ``fallback`` row, having written nothing, when a limited team is
    involved; each event in input order, all-or-nothing, in DESIGN.md §3
    consumption order; one ``charged``, ``rejected`` (stored) or ``paused`` (not
    stored) row each; then the usage events, ledger entries, grants and wallets
    written in one statement each.
 
-Row ``r_n`` is the event's 1-based position in ``p_event``.
+Row ``r_n`` is the event's 1-based position in ``p_event``. A charged row's
+``r_response`` is the JSON text of its first answer, keys in the order the Python
+engine writes them (what is stored, as jsonb); the caller parses it only if read.
 """
 
 import importlib
@@ -30,16 +32,22 @@ from django.db import migrations
 
 _0019 = importlib.import_module("billing.migrations.0019_usage_charge_batch_function")
 
-SQL = r"""DROP FUNCTION IF EXISTS creditdesk_usage_charge_batch(jsonb, timestamptz, timestamptz);
-CREATE OR REPLACE FUNCTION creditdesk_usage_charge_batch(
+_SIGNATURE = (
+    "creditdesk_usage_charge_batch(integer[], text[], bigint[], bigint[], bigint[], text[], text[], text[], bigint[],"
+    " text[], text[], text[], timestamptz, timestamptz)"
+)
+
+SQL = (
+    "DROP FUNCTION IF EXISTS creditdesk_usage_charge_batch(jsonb, timestamptz, timestamptz);\n"
+    f"DROP FUNCTION IF EXISTS {_SIGNATURE};\n"
+    + r"""CREATE FUNCTION creditdesk_usage_charge_batch(
     p_shape integer[], p_event text[],
     s_customer bigint[], s_wallet bigint[], s_feature bigint[], s_quantity text[], s_occurred_at text[],
     s_properties text[], s_rate bigint[], s_unit text[], s_credits text[], s_hash text[],
     p_now timestamptz, p_entries_at timestamptz)
-RETURNS TABLE (r_n integer, r_outcome text, r_available numeric, r_grant_ids bigint[], r_takes numeric[],
-               r_over numeric, r_ledger_after numeric, r_paused_reason text, r_alert_below numeric,
-               r_alert_at_or_above numeric, r_prior_status text, r_prior_hash text, r_prior_response text,
-               r_prior_credits numeric)
+RETURNS TABLE (r_n integer, r_outcome text, r_available numeric, r_response text, r_paused_reason text,
+               r_alert_below numeric, r_alert_at_or_above numeric, r_prior_status text, r_prior_hash text,
+               r_prior_response text, r_prior_credits numeric)
 LANGUAGE plpgsql AS $fn$
 DECLARE
     v_count integer := cardinality(p_event);
@@ -51,17 +59,16 @@ DECLARE
     v_wallets bigint[];
     w_policy text[]; w_limit numeric[]; w_overage numeric[]; w_balance numeric[]; w_seq bigint[];
     w_status text[]; w_paused text[]; w_below numeric[]; w_above numeric[]; w_team boolean[];
-    w_held numeric[]; w_over numeric[]; w_moved boolean[]; w_gfrom integer[]; w_gto integer[];
-    g_id bigint[]; g_wallet bigint[]; g_feature bigint[]; g_rem numeric[]; g_touched boolean[];
-    e_n integer[] := '{}'; e_status text[] := '{}'; e_response jsonb[] := '{}';
-    l_n integer[] := '{}'; l_wallet bigint[] := '{}'; l_grant bigint[] := '{}'; l_type text[] := '{}';
-    l_amount numeric[] := '{}'; l_seq bigint[] := '{}'; l_after numeric[] := '{}';
+    w_held numeric[]; w_over numeric[]; w_gfrom integer[]; w_gto integer[];
+    g_id bigint[]; g_wallet bigint[]; g_feature bigint[]; g_rem numeric[];
+    e_n integer[] := '{}'; e_status text[] := '{}'; e_response text[] := '{}';
+    l_n integer[] := '{}'; l_grant bigint[] := '{}'; l_amount numeric[] := '{}'; l_seq bigint[] := '{}';
+    l_after numeric[] := '{}';
     v_prior record;
     i integer;
     s integer;
     wi integer;
     gi integer;
-    v_wallet bigint;
     v_feature bigint;
     v_credits numeric;
     v_usable numeric;
@@ -70,7 +77,8 @@ DECLARE
     v_take numeric;
     v_taken numeric;
     v_shown numeric;
-    v_alloc jsonb;
+    v_over numeric;
+    v_alloc text;
 BEGIN
     -- 1. The event ids: serialise on each, in (customer, event id) order.
     PERFORM pg_advisory_xact_lock(k.c::integer, hashtext(k.e))
@@ -157,7 +165,6 @@ BEGIN
      WHERE g.wallet_id = ANY (v_wallets) AND g.status = 'active' AND g.effective_at <= p_now AND g.remaining > 0
        AND (g.expires_at IS NULL OR g.expires_at > p_now);
     g_id := coalesce(g_id, '{}');
-    g_touched := array_fill(false, ARRAY[cardinality(g_id)]);
     w_gfrom := array_fill(1, ARRAY[cardinality(v_wallets)]);
     w_gto := array_fill(0, ARRAY[cardinality(v_wallets)]);
     FOR gi IN 1 .. cardinality(g_id) LOOP
@@ -173,14 +180,13 @@ BEGIN
                   WHERE r.wallet_id = ANY (v_wallets) AND r.status = 'open' AND r.expires_at > p_now
                   GROUP BY r.wallet_id) h ON h.wallet_id = v.id;
     w_over := array_fill(0::numeric, ARRAY[cardinality(v_wallets)]);
-    w_moved := array_fill(false, ARRAY[cardinality(v_wallets)]);
 
-    -- 5. Each event in input order, all-or-nothing.
+    -- 5. Each event in input order, all-or-nothing. A charged event's answer is written as the
+    -- JSON text of its first answer (keys in that order): stored as jsonb, read back by the caller.
     FOR i IN 1 .. v_count LOOP
         CONTINUE WHEN e_skip[i];
         s := p_shape[i];
         wi := s_wi[s];
-        v_wallet := s_wallet[s];
         v_feature := s_feature[s];
         v_credits := s_k[s];
         v_usable := 0;
@@ -200,10 +206,7 @@ BEGIN
         r_available := v_usable - w_held[wi] + v_borrow;
         r_alert_below := w_below[wi];
         r_alert_at_or_above := w_above[wi];
-        r_grant_ids := NULL;
-        r_takes := NULL;
-        r_over := NULL;
-        r_ledger_after := NULL;
+        r_response := NULL;
         r_paused_reason := NULL;
         IF w_status[wi] = 'paused' THEN
             r_outcome := 'paused';
@@ -220,7 +223,7 @@ BEGIN
                 'message', format('The wallet has %s credits available; this event needs %s.', v_shown,
                                   s_credits[s]),
                 'details', jsonb_build_object('required', s_credits[s], 'available', v_shown::text,
-                                              'event_id', p_event[i])));
+                                              'event_id', p_event[i])))::text;
             r_outcome := 'rejected';
             RETURN NEXT;
             CONTINUE;
@@ -235,45 +238,35 @@ BEGIN
             v_left := v_credits;
         END IF;
         v_taken := 0;
-        r_grant_ids := '{}';
-        r_takes := '{}';
-        v_alloc := '[]';
+        v_alloc := '';
         FOR gi IN w_gfrom[wi] .. w_gto[wi] LOOP
             EXIT WHEN v_left <= 0;
             CONTINUE WHEN NOT (g_rem[gi] > 0 AND (g_feature[gi] IS NULL OR g_feature[gi] = v_feature));
             v_take := CASE WHEN v_left < g_rem[gi] THEN v_left ELSE g_rem[gi] END;
             g_rem[gi] := g_rem[gi] - v_take;
-            g_touched[gi] := true;
             v_left := v_left - v_take;
             v_taken := v_taken + v_take;
-            r_grant_ids := r_grant_ids || g_id[gi];
-            r_takes := r_takes || v_take;
-            v_alloc := v_alloc || jsonb_build_object('grant', g_id[gi], 'amount', v_take::text);
+            v_alloc := v_alloc || ',{"grant":' || g_id[gi] || ',"amount":"' || v_take || '"}';
             w_seq[wi] := w_seq[wi] + 1;
             w_balance[wi] := w_balance[wi] - v_take;
-            w_moved[wi] := true;
-            l_n := l_n || i; l_wallet := l_wallet || v_wallet; l_grant := l_grant || g_id[gi];
-            l_type := l_type || 'usage'::text; l_amount := l_amount || -v_take; l_seq := l_seq || w_seq[wi];
-            l_after := l_after || w_balance[wi];
+            l_n := l_n || i; l_grant := l_grant || g_id[gi]; l_amount := l_amount || -v_take;
+            l_seq := l_seq || w_seq[wi]; l_after := l_after || w_balance[wi];
         END LOOP;
-        r_over := v_credits - v_taken;
-        IF r_over > 0 THEN
-            w_over[wi] := w_over[wi] + r_over;
-            v_alloc := v_alloc || jsonb_build_object('grant', NULL, 'amount', r_over::text, 'overage', true);
+        v_over := v_credits - v_taken;
+        IF v_over > 0 THEN
+            w_over[wi] := w_over[wi] + v_over;
+            v_alloc := v_alloc || ',{"grant":null,"amount":"' || v_over || '","overage":true}';
             w_seq[wi] := w_seq[wi] + 1;
-            w_balance[wi] := w_balance[wi] - r_over;
-            w_moved[wi] := true;
-            l_n := l_n || i; l_wallet := l_wallet || v_wallet; l_grant := l_grant || NULL::bigint;
-            l_type := l_type || 'overage'::text; l_amount := l_amount || -r_over; l_seq := l_seq || w_seq[wi];
-            l_after := l_after || w_balance[wi];
+            w_balance[wi] := w_balance[wi] - v_over;
+            l_n := l_n || i; l_grant := l_grant || NULL::bigint; l_amount := l_amount || -v_over;
+            l_seq := l_seq || w_seq[wi]; l_after := l_after || w_balance[wi];
         END IF;
-        r_ledger_after := w_balance[wi];
+        r_response := '{"event_id":' || to_json(p_event[i]) || ',"status":"charged","credits":"' || s_credits[s]
+            || '","allocations":[' || substr(v_alloc, 2) || '],"balance":{"available":"' || (r_available - v_credits)
+            || '","ledger_balance":"' || w_balance[wi] || '"}}';
         e_n := e_n || i;
         e_status := e_status || 'charged'::text;
-        e_response := e_response || jsonb_build_object(
-            'event_id', p_event[i], 'status', 'charged', 'credits', s_credits[s], 'allocations', v_alloc,
-            'balance', jsonb_build_object('available', (r_available - v_credits)::text,
-                                          'ledger_balance', r_ledger_after::text));
+        e_response := e_response || r_response;
         r_outcome := 'charged';
         RETURN NEXT;
     END LOOP;
@@ -285,7 +278,7 @@ BEGIN
             created_at)
         SELECT s_customer[x.s], s_wallet[x.s], s_feature[x.s], p_event[d.n], s_quantity[x.s]::numeric,
                s_occurred_at[x.s]::timestamptz, s_properties[x.s]::jsonb, s_rate[x.s], s_unit[x.s]::numeric,
-               s_k[x.s], d.status, s_hash[x.s], d.response, NULL, p_now
+               s_k[x.s], d.status, s_hash[x.s], d.response::jsonb, NULL, p_now
           FROM unnest(e_n, e_status, e_response) AS d(n, status, response)
          CROSS JOIN LATERAL (SELECT p_shape[d.n] AS s) AS x
          ORDER BY d.n
@@ -293,28 +286,26 @@ BEGIN
     )
     INSERT INTO billing_ledgerentry (wallet_id, grant_id, type, amount, sequence, balance_after, usage_event_id,
         reservation_id, reference, idempotency_key, memo, created_at)
-    SELECT l.wallet, l.grant_id, l.type, l.amount, l.seq, l.after, ins.id, NULL,
-           left('usage:' || p_event[l.n], 255), '', '', p_entries_at
-      FROM unnest(l_n, l_wallet, l_grant, l_type, l_amount, l_seq, l_after)
-           WITH ORDINALITY AS l(n, wallet, grant_id, type, amount, seq, after, o)
+    SELECT s_wallet[p_shape[l.n]], l.grant_id, CASE WHEN l.grant_id IS NULL THEN 'overage' ELSE 'usage' END,
+           l.amount, l.seq, l.after, ins.id, NULL, left('usage:' || p_event[l.n], 255), '', '', p_entries_at
+      FROM unnest(l_n, l_grant, l_amount, l_seq, l_after) WITH ORDINALITY AS l(n, grant_id, amount, seq, after, o)
       JOIN inserted ins ON ins.customer_id = s_customer[p_shape[l.n]] AND ins.event_id = p_event[l.n]
      ORDER BY l.o;
+    -- Every take is positive: a grant or wallet was touched exactly when its remaining or sequence moved.
     UPDATE billing_creditgrant g
        SET remaining = v.rem, status = CASE WHEN v.rem = 0 THEN 'depleted' ELSE g.status END
-      FROM unnest(g_id, g_rem, g_touched) AS v(id, rem, touched)
-     WHERE v.touched AND g.id = v.id;
+      FROM unnest(g_id, g_rem) AS v(id, rem)
+     WHERE g.id = v.id AND g.remaining <> v.rem;
     UPDATE billing_wallet w
        SET ledger_balance = v.balance, last_sequence = v.seq, overage = w.overage + v.over
-      FROM unnest(v_wallets, w_balance, w_seq, w_over, w_moved) AS v(id, balance, seq, over, moved)
-     WHERE v.moved AND w.id = v.id;
+      FROM unnest(v_wallets, w_balance, w_seq, w_over) AS v(id, balance, seq, over)
+     WHERE w.id = v.id AND w.last_sequence <> v.seq;
 END;
 $fn$;
 """
-
-REVERSE_SQL = (
-    "DROP FUNCTION creditdesk_usage_charge_batch(integer[], text[], bigint[], bigint[], bigint[], text[], text[],"
-    " text[], bigint[], text[], text[], text[], timestamptz, timestamptz);\n" + _0019.SQL
 )
+
+REVERSE_SQL = f"DROP FUNCTION {_SIGNATURE};\n" + _0019.SQL
 
 
 class Migration(migrations.Migration):

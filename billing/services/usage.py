@@ -318,21 +318,19 @@ def _charge_one_in_database(request: ChargeRequest, hash_: str, now: datetime) -
 
 
 class _BatchCharged(ChargeResult):
-    """A charged event of a batch: ``_charged``'s answer, its body built from the function's
-    row when first read (the batch API's answer needs only the status and the credits)."""
+    """A charged event of a batch: its body is the JSON text ``creditdesk_usage_charge_batch``
+    wrote of ``_charged``'s answer (same keys, order and texts), parsed when first read (the
+    batch API's answer needs only the status and the credits)."""
 
-    def __init__(self, event_id: str, credits: Decimal, row: tuple):
+    def __init__(self, event_id: str, credits: Decimal, response: str):
         self.event_id, self.status, self.http_status, self.credits, self.error = event_id, "charged", 201, credits, None
-        self._row = row
+        self._response = response
 
     @property
     def body(self) -> dict:
         body = self.__dict__.get("_body")
         if body is None:
-            _, _, available, grant_ids, takes, over, ledger_after = self._row[:7]
-            body = self.__dict__["_body"] = _charged(
-                self.event_id, self.credits, list(zip(grant_ids, takes, strict=True)), over,
-                available - self.credits, ledger_after).body
+            body = self.__dict__["_body"] = json.loads(self._response)
         return body
 
 
@@ -443,9 +441,8 @@ def _charge_in_database(requests, hashes, results, now) -> bool:
     first_available: dict[int, Decimal] = {}
     last_available: dict[int, Decimal] = {}
     marks: dict[int, tuple] = {}
-    for row in decided:
-        (n, outcome, available, _, _, _, _, paused_reason, below, above, prior_status, prior_hash, prior_response,
-         prior_credits) = row
+    for (n, outcome, available, response, paused_reason, below, above, prior_status, prior_hash, prior_response,
+         prior_credits) in decided:
         i = p_index[n - 1]
         event_id = requests[i].event_id
         if outcome == "duplicate":
@@ -456,7 +453,7 @@ def _charge_in_database(requests, hashes, results, now) -> bool:
         wallet_id = requests[i].wallet_id
         first_available.setdefault(wallet_id, available)
         if outcome == "charged":
-            results[i] = _BatchCharged(event_id, credits, row)
+            results[i] = _BatchCharged(event_id, credits, response)
             last_available[wallet_id] = available - credits
             marks[wallet_id] = (below, above)
         elif outcome == "rejected":
