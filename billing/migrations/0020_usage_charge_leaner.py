@@ -125,12 +125,15 @@ BEGIN
         outcome := 'fallback';
         RETURN;
     END IF;
-    -- A team's spending limit is the Python engine's to check (billing.services.team_limits).
-    IF v_team_limits AND jsonb_typeof(p_properties -> 'team') = 'string' AND EXISTS (
-        SELECT 1 FROM billing_teamspendinglimit t WHERE t.wallet_id = p_wallet_id AND t.team = p_properties ->> 'team'
-    ) THEN
-        outcome := 'fallback';
-        RETURN;
+    -- A team's spending limit is the Python engine's to check (billing.services.team_limits). Nested: the
+    -- query with EXISTS runs (and locks billing_teamspendinglimit) only for a wallet with limits.
+    IF v_team_limits THEN
+        IF jsonb_typeof(p_properties -> 'team') = 'string' AND EXISTS (
+            SELECT 1 FROM billing_teamspendinglimit t WHERE t.wallet_id = p_wallet_id AND t.team = p_properties ->> 'team'
+        ) THEN
+            outcome := 'fallback';
+            RETURN;
+        END IF;
     END IF;
 
     -- 4. Available = usable remaining (in scope) - open holds + overdraft headroom. The holds are read
