@@ -124,18 +124,18 @@ class Connection:
         self.body_bytes = 0
 
     def on_url(self, url: bytes):
-        cfg = self.worker.cfg
+        limit = self.worker.limit_request_line
         self.current.url += url  # the parser may hand the URL over in pieces
-        if cfg.limit_request_line and len(self.current.url) > cfg.limit_request_line:
+        if limit and len(self.current.url) > limit:
             raise RequestRefused(414, "Request-URI Too Long")
 
     def on_header(self, name: bytes, value: bytes):
-        cfg = self.worker.cfg
+        worker = self.worker
         request = self.current
         headers = request.headers
-        if cfg.limit_request_fields and len(headers) >= cfg.limit_request_fields:
+        if worker.limit_request_fields and len(headers) >= worker.limit_request_fields:
             raise RequestRefused(431, "Too many header fields")
-        if cfg.limit_request_field_size and len(name) + len(value) > cfg.limit_request_field_size:
+        if worker.limit_request_field_size and len(name) + len(value) > worker.limit_request_field_size:
             raise RequestRefused(431, "Header field too large")
         size = len(name)
         if size == 14 and name.lower() == b"content-length":
@@ -144,10 +144,10 @@ class Connection:
         elif size == 6 and name.lower() == b"expect":
             request.expect = value.strip().lower() == b"100-continue"
         elif b"_" in name and not (
-                cfg.header_map == "dangerous"
-                or (self.trusted and name.decode("latin-1").upper() in cfg.forwarder_headers)):
+                worker.header_map == "dangerous"
+                or (self.trusted and name.decode("latin-1").upper() in worker.forwarder_headers)):
             # "X_Forwarded_For" must not pose as X-Forwarded-For (both are HTTP_X_FORWARDED_FOR)
-            if cfg.header_map == "drop":
+            if worker.header_map == "drop":
                 return
             raise RequestRefused(400, "Header name with an underscore")
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
@@ -211,8 +211,18 @@ class LoopWorker(base.Worker):
     """See the module docstring."""
 
     def init_process(self):
-        if self.cfg.is_ssl:
+        cfg = self.cfg
+        if cfg.is_ssl:
             raise RuntimeError("config.gunicorn_worker.LoopWorker does not speak TLS: terminate it in front")
+        # the settings read on every request, copied: a gunicorn Config attribute costs ~0.6 us
+        self.limit_request_line = cfg.limit_request_line
+        self.limit_request_fields = cfg.limit_request_fields
+        self.limit_request_field_size = cfg.limit_request_field_size
+        self.header_map = cfg.header_map
+        self.forwarder_headers = frozenset(cfg.forwarder_headers)
+        self.keepalive = cfg.keepalive
+        self.worker_connections = cfg.worker_connections
+        self.multiprocess = cfg.workers > 1
         self.selector = selectors.DefaultSelector()
         self.pool = ThreadPoolExecutor(max(1, self.cfg.threads), thread_name_prefix="creditdesk-web")
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
@@ -283,7 +293,7 @@ class LoopWorker(base.Worker):
         # One connection per wake-up: every worker is woken for a new connection, and a worker
         # that took a burst of them would serve them all, one request at a time, while the
         # other workers sat idle (a benchmark's clients all connect at once).
-        if len(self.connections) >= self.cfg.worker_connections:
+        if len(self.connections) >= self.worker_connections:
             self.accept_no_more()  # until a connection closes; the others wait in the backlog
             return
         try:
@@ -304,12 +314,12 @@ class LoopWorker(base.Worker):
         conn = Connection(self, sock, client, self.listeners[listener], self.trusts(client))
         self.connections[sock.fileno()] = conn
         self.watch(conn)
-        if len(self.connections) >= self.cfg.worker_connections:
+        if len(self.connections) >= self.worker_connections:
             self.accept_no_more()
 
     def accept_more(self) -> None:
         """Watch the listeners again, unless stopping or still at ``--worker-connections``."""
-        if not self.accepting and self.alive and len(self.connections) < self.cfg.worker_connections:
+        if not self.accepting and self.alive and len(self.connections) < self.worker_connections:
             for listener in self.listeners:
                 self.selector.register(listener, selectors.EVENT_READ, "accept")
             self.accepting = True
@@ -480,7 +490,7 @@ class LoopWorker(base.Worker):
         """Write the answer to ``request``: keep-alive unless the client, ``--keep-alive 0``, a
         stopping worker or a client that sent its last request says otherwise."""
         # after the client's end of stream, the requests it sent before still get their answers
-        keep_alive = (request.keep_alive and self.alive and self.cfg.keepalive > 0
+        keep_alive = (request.keep_alive and self.alive and self.keepalive > 0
                       and not (conn.eof and not conn.pending))
         self.nr += 1
         if self.nr >= self.max_requests:
@@ -563,7 +573,7 @@ class LoopWorker(base.Worker):
             "wsgi.input_terminated": True,
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": True,
-            "wsgi.multiprocess": self.cfg.workers > 1,
+            "wsgi.multiprocess": self.multiprocess,
             "wsgi.run_once": False,
         }
         if isinstance(client, tuple):
