@@ -130,7 +130,11 @@ class Server:
                    "--threads", "2", "-b", bind, "--no-control-socket", "--graceful-timeout", "5", *args]
         self.proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
                                      stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT)
-        self.worker_pid = self.wait_for_worker()
+        try:
+            self.worker_pid = self.wait_for_worker()
+        except BaseException:
+            self.stop()  # no gunicorn left behind by a server that never answered
+            raise
 
     def wait_for_worker(self, not_pid: int | None = None, timeout: float = 20.0) -> int:
         """The pid of the worker answering (one other than ``not_pid``), once it answers."""
