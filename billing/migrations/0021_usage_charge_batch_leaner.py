@@ -61,9 +61,10 @@ DECLARE
     w_status text[]; w_paused text[]; w_below numeric[]; w_above numeric[]; w_team boolean[];
     w_held numeric[]; w_over numeric[]; w_gfrom integer[]; w_gto integer[];
     g_id bigint[]; g_wallet bigint[]; g_feature bigint[]; g_rem numeric[];
-    e_n integer[] := '{}'; e_status text[] := '{}'; e_response text[] := '{}';
-    l_n integer[] := '{}'; l_grant bigint[] := '{}'; l_amount numeric[] := '{}'; l_seq bigint[] := '{}';
-    l_after numeric[] := '{}';
+    e_n integer[] := '{}'; e_event text[] := '{}'; e_status text[] := '{}'; e_response text[] := '{}';
+    e_id bigint[];
+    l_e integer[] := '{}'; l_event text[] := '{}'; l_grant bigint[] := '{}'; l_amount numeric[] := '{}';
+    l_seq bigint[] := '{}'; l_after numeric[] := '{}';
     v_prior record;
     i integer;
     s integer;
@@ -78,6 +79,8 @@ DECLARE
     v_taken numeric;
     v_shown numeric;
     v_over numeric;
+    v_e integer;
+    v_ids regclass;
     v_alloc text;
 BEGIN
     -- 1. The event ids: serialise on each, in (customer, event id) order.
@@ -217,6 +220,7 @@ BEGIN
         IF v_credits > r_available THEN
             v_shown := round(CASE WHEN 0 > r_available THEN 0 ELSE r_available END, 6);
             e_n := e_n || i;
+            e_event := e_event || p_event[i];
             e_status := e_status || 'rejected'::text;
             e_response := e_response || jsonb_build_object('error', jsonb_build_object(
                 'code', 'insufficient_credits',
@@ -239,6 +243,7 @@ BEGIN
         END IF;
         v_taken := 0;
         v_alloc := '';
+        v_e := cardinality(e_n) + 1;
         FOR gi IN w_gfrom[wi] .. w_gto[wi] LOOP
             EXIT WHEN v_left <= 0;
             CONTINUE WHEN NOT (g_rem[gi] > 0 AND (g_feature[gi] IS NULL OR g_feature[gi] = v_feature));
@@ -249,7 +254,8 @@ BEGIN
             v_alloc := v_alloc || ',{"grant":' || g_id[gi] || ',"amount":"' || v_take || '"}';
             w_seq[wi] := w_seq[wi] + 1;
             w_balance[wi] := w_balance[wi] - v_take;
-            l_n := l_n || i; l_grant := l_grant || g_id[gi]; l_amount := l_amount || -v_take;
+            l_e := l_e || v_e; l_event := l_event || p_event[i]; l_grant := l_grant || g_id[gi];
+            l_amount := l_amount || -v_take;
             l_seq := l_seq || w_seq[wi]; l_after := l_after || w_balance[wi];
         END LOOP;
         v_over := v_credits - v_taken;
@@ -258,39 +264,38 @@ BEGIN
             v_alloc := v_alloc || ',{"grant":null,"amount":"' || v_over || '","overage":true}';
             w_seq[wi] := w_seq[wi] + 1;
             w_balance[wi] := w_balance[wi] - v_over;
-            l_n := l_n || i; l_grant := l_grant || NULL::bigint; l_amount := l_amount || -v_over;
+            l_e := l_e || v_e; l_event := l_event || p_event[i]; l_grant := l_grant || NULL::bigint;
+            l_amount := l_amount || -v_over;
             l_seq := l_seq || w_seq[wi]; l_after := l_after || w_balance[wi];
         END IF;
         r_response := '{"event_id":' || to_json(p_event[i]) || ',"status":"charged","credits":"' || s_credits[s]
             || '","allocations":[' || substr(v_alloc, 2) || '],"balance":{"available":"' || (r_available - v_credits)
             || '","ledger_balance":"' || w_balance[wi] || '"}}';
         e_n := e_n || i;
+        e_event := e_event || p_event[i];
         e_status := e_status || 'charged'::text;
         e_response := e_response || r_response;
         r_outcome := 'charged';
         RETURN NEXT;
     END LOOP;
 
-    -- 6. The rows: usage events in input order, their ledger entries, grants, wallets.
-    WITH inserted AS (
-        INSERT INTO billing_usageevent (customer_id, wallet_id, feature_id, event_id, quantity, occurred_at,
-            properties, rate_id, credits_per_unit, credits, status, request_hash, response, reservation_id,
-            created_at)
-        SELECT s_customer[x.s], s_wallet[x.s], s_feature[x.s], p_event[d.n], s_quantity[x.s]::numeric,
-               s_occurred_at[x.s]::timestamptz, s_properties[x.s]::jsonb, s_rate[x.s], s_unit[x.s]::numeric,
-               s_k[x.s], d.status, s_hash[x.s], d.response::jsonb, NULL, p_now
-          FROM unnest(e_n, e_status, e_response) AS d(n, status, response)
-         CROSS JOIN LATERAL (SELECT p_shape[d.n] AS s) AS x
-         ORDER BY d.n
-        RETURNING id, customer_id, event_id
-    )
+    -- 6. The rows: usage events in input order (ids taken in that order), their ledger entries,
+    -- grants, wallets. (In these statements only arrays of fixed-width elements are subscripted:
+    -- an element of a text array is found by walking the array.)
+    v_ids := pg_get_serial_sequence('billing_usageevent', 'id')::regclass;
+    e_id := ARRAY(SELECT nextval(v_ids) FROM generate_series(1, cardinality(e_n)) ORDER BY 1);
+    INSERT INTO billing_usageevent (id, customer_id, wallet_id, feature_id, event_id, quantity, occurred_at,
+        properties, rate_id, credits_per_unit, credits, status, request_hash, response, reservation_id, created_at)
+    SELECT d.id, s_customer[x.s], s_wallet[x.s], s_feature[x.s], d.event_id, s_quantity[x.s]::numeric,
+           s_occurred_at[x.s]::timestamptz, s_properties[x.s]::jsonb, s_rate[x.s], s_unit[x.s]::numeric, s_k[x.s],
+           d.status, s_hash[x.s], d.response::jsonb, NULL, p_now
+      FROM unnest(e_id, e_n, e_event, e_status, e_response) AS d(id, n, event_id, status, response)
+     CROSS JOIN LATERAL (SELECT p_shape[d.n] AS s) AS x;
     INSERT INTO billing_ledgerentry (wallet_id, grant_id, type, amount, sequence, balance_after, usage_event_id,
         reservation_id, reference, idempotency_key, memo, created_at)
-    SELECT s_wallet[p_shape[l.n]], l.grant_id, CASE WHEN l.grant_id IS NULL THEN 'overage' ELSE 'usage' END,
-           l.amount, l.seq, l.after, ins.id, NULL, left('usage:' || p_event[l.n], 255), '', '', p_entries_at
-      FROM unnest(l_n, l_grant, l_amount, l_seq, l_after) WITH ORDINALITY AS l(n, grant_id, amount, seq, after, o)
-      JOIN inserted ins ON ins.customer_id = s_customer[p_shape[l.n]] AND ins.event_id = p_event[l.n]
-     ORDER BY l.o;
+    SELECT s_wallet[p_shape[e_n[l.e]]], l.grant_id, CASE WHEN l.grant_id IS NULL THEN 'overage' ELSE 'usage' END,
+           l.amount, l.seq, l.after, e_id[l.e], NULL, left('usage:' || l.event_id, 255), '', '', p_entries_at
+      FROM unnest(l_e, l_event, l_grant, l_amount, l_seq, l_after) AS l(e, event_id, grant_id, amount, seq, after);
     -- Every take is positive: a grant or wallet was touched exactly when its remaining or sequence moved.
     UPDATE billing_creditgrant g
        SET remaining = v.rem, status = CASE WHEN v.rem = 0 THEN 'depleted' ELSE g.status END
