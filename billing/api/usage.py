@@ -34,7 +34,7 @@ from billing.api.serializers import (
     UsageCheckSerializer,
     UsageEventInput,
 )
-from billing.errors import InvalidRequest, NotFound
+from billing.errors import BillingError, InvalidRequest, NotFound
 from billing.models import CreditGrant, Customer, Feature, FeatureCost, Wallet
 from billing.numbers import MAX_QUANTITY, ZERO, parse_decimal, round_credits
 from billing.services.charge_by_key import usage_charge_by_key
@@ -266,7 +266,14 @@ def charge_batch(data) -> tuple[int, dict]:
 
     Each event is refused (a ``rejected`` item) for exactly what ``parse_usage``, ``resolve``
     and ``check_event`` refuse in a single charge; the others are charged together
-    (``usage_charge_many``). Results are in input order."""
+    (``usage_charge_many``). Results are in input order.
+
+    A batch repeats a few payloads under many event ids, so a plain event (exactly the
+    keys customer, feature, quantity and event_id, all strings) whose customer, feature
+    and quantity texts ``parse_usage`` already accepted in this batch is not parsed again:
+    only its event id is checked (as ``parse_usage`` does: 1 to MAX_ID_LENGTH characters,
+    here ASCII without NUL; any other goes through ``parse_usage``), and it is resolved
+    and checked once with the first of its kind."""
     now = timezone.now()
     body = inputs.body_object(data)
     events = body.get("events")
@@ -274,35 +281,46 @@ def charge_batch(data) -> tuple[int, dict]:
         raise InvalidRequest(f"events must be a list of 1 to {MAX_BATCH} usage events.",
                              details={"events": f"must be a list of 1 to {MAX_BATCH} events"})
     items: list[dict | None] = [None] * len(events)
-    parsed: list[tuple[int, UsageInput]] = []
-    accepted: dict[tuple[str, str, str], Decimal] = {}
+    plain: dict[tuple[str, str, str], UsageInput] = {}  # (customer, feature, quantity text) -> first parse
+    # Per event to charge: (index, its parse, None) or, for a repeat of a plain one, (index, key, event id).
+    entries: list[tuple[int, UsageInput | tuple[str, str, str], str | None]] = []
     for index, raw in enumerate(events):
-        event = _plain_event(raw, accepted)
-        if event is None:
-            try:
-                event = parse_usage(raw, with_event_id=True)
-            except InvalidRequest as exc:
-                items[index] = _rejected(_event_id_of(raw), exc.as_envelope()["error"])
+        if type(raw) is dict and len(raw) == 4:
+            customer, feature, quantity, event_id = (raw.get("customer"), raw.get("feature"), raw.get("quantity"),
+                                                     raw.get("event_id"))
+            if (type(customer) is str and type(feature) is str and type(quantity) is str and type(event_id) is str
+                    and (key := (customer, feature, quantity)) in plain
+                    and 0 < len(event_id) <= inputs.MAX_ID_LENGTH and event_id.isascii() and "\x00" not in event_id):
+                entries.append((index, key, event_id))
                 continue
-            if event.occurred_at is None and not event.properties and type(raw.get("quantity")) is str:
-                accepted[(event.customer, event.feature, raw["quantity"])] = event.quantity
-        parsed.append((index, event))
+        try:
+            event = parse_usage(raw, with_event_id=True)
+        except InvalidRequest as exc:
+            items[index] = _rejected(_event_id_of(raw), exc.as_envelope()["error"])
+            continue
+        if event.occurred_at is None and not event.properties and type(quantity := raw.get("quantity")) is str:
+            plain.setdefault((event.customer, event.feature, quantity), event)
+        entries.append((index, event, None))
 
-    found = _resolve_many({(event.customer, event.feature) for _, event in parsed})
+    found = _resolve_many({(e.customer, e.feature) for _, e, event_id in entries if event_id is None})
+    checked: dict[tuple[str, str, str], Resolved | BillingError] = {}
     requests: list[ChargeRequest] = []
     positions: list[int] = []
-    for index, event in parsed:
-        target = found[(event.customer, event.feature)]
-        try:
-            if type(target) is NotFound:
-                raise target
-            check_event(event, target.feature, now)
-        except (InvalidRequest, NotFound) as exc:
-            items[index] = _rejected(event.event_id, exc.as_envelope()["error"])
+    for index, what, event_id in entries:
+        if event_id is None:
+            event_id, target = what.event_id, _target(found, what, now)
+            quantity, occurred_at, properties = what.quantity, what.occurred_at, what.properties
+        else:
+            target = checked.get(what)
+            if target is None:
+                target = checked[what] = _target(found, plain[what], now)
+            quantity, occurred_at, properties = plain[what].quantity, None, {}
+        if type(target) is not Resolved:
+            items[index] = _rejected(event_id, target.as_envelope()["error"])
             continue
         requests.append(ChargeRequest(
-            customer=target.customer, wallet_id=target.wallet_id, feature=target.feature, quantity=event.quantity,
-            event_id=event.event_id, occurred_at=event.occurred_at, properties=event.properties))
+            customer=target.customer, wallet_id=target.wallet_id, feature=target.feature, quantity=quantity,
+            event_id=event_id, occurred_at=occurred_at, properties=properties))
         positions.append(index)
 
     for index, result in zip(positions, usage_charge_many(requests, now=now), strict=True):
@@ -310,23 +328,17 @@ def charge_batch(data) -> tuple[int, dict]:
     return 200, {"results": items}
 
 
-def _plain_event(raw, accepted: dict[tuple[str, str, str], Decimal]) -> UsageInput | None:
-    """``parse_usage(raw)`` for a body without occurred_at or properties whose customer,
-    feature and quantity strings ``parse_usage`` already accepted in this batch (``accepted``
-    maps them to the parsed quantity) and whose event id is plain ASCII; None otherwise
-    (the caller parses it in full). A batch repeats a few of those under many event ids."""
-    if type(raw) is not dict or raw.get("occurred_at") is not None or raw.get("properties") is not None:
-        return None
-    customer, feature, quantity = raw.get("customer"), raw.get("feature"), raw.get("quantity")
-    if type(customer) is not str or type(feature) is not str or type(quantity) is not str:
-        return None
-    parsed = accepted.get((customer, feature, quantity))
-    event_id = raw.get("event_id")
-    if (parsed is None or type(event_id) is not str or not 0 < len(event_id) <= inputs.MAX_ID_LENGTH
-            or not event_id.isascii() or "\x00" in event_id):
-        return None
-    return UsageInput(customer=customer, feature=feature, quantity=parsed, event_id=event_id, occurred_at=None,
-                      properties={})
+def _target(found: dict, event: UsageInput, now: datetime) -> Resolved | BillingError:
+    """The event's customer, wallet and feature (``found``, from ``_resolve_many``), or the
+    refusal ``resolve`` or ``check_event`` raises for it."""
+    target = found[(event.customer, event.feature)]
+    if type(target) is not Resolved:
+        return target
+    try:
+        check_event(event, target.feature, now)
+    except InvalidRequest as exc:
+        return exc
+    return target
 
 
 _RESOLVE_MANY_SQL = f"""

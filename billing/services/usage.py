@@ -439,10 +439,10 @@ def _charge_in_database(requests, hashes, results, now) -> bool:
 
     priors: dict[int, _PriorEvent] = {}
     first_available: dict[int, Decimal] = {}
-    last_available: dict[int, Decimal] = {}
-    marks: dict[int, tuple] = {}
-    for (n, outcome, available, response, paused_reason, below, above, prior_status, prior_hash, prior_response,
-         prior_credits) in decided:
+    last_charged: dict[int, tuple] = {}  # wallet -> the row of its last charged event
+    for row in decided:
+        (n, outcome, available, response, paused_reason, _, _, prior_status, prior_hash, prior_response,
+         prior_credits) = row
         i = p_index[n - 1]
         event_id = requests[i].event_id
         if outcome == "duplicate":
@@ -454,8 +454,7 @@ def _charge_in_database(requests, hashes, results, now) -> bool:
         first_available.setdefault(wallet_id, available)
         if outcome == "charged":
             results[i] = _BatchCharged(event_id, credits, response)
-            last_available[wallet_id] = available - credits
-            marks[wallet_id] = (below, above)
+            last_charged[wallet_id] = row
         elif outcome == "rejected":
             results[i] = _insufficient(event_id, credits, available)
         else:
@@ -469,8 +468,10 @@ def _charge_in_database(requests, hashes, results, now) -> bool:
             results[i] = _conflict(event_id)
         else:
             results[i] = _repeat(event_id, results[first])
+    last_available = {wallet_id: row[2] - s_credits[p_shape[row[0] - 1] - 1]
+                      for wallet_id, row in last_charged.items()}
     crossing = [wallet_id for wallet_id, after in last_available.items()
-                if Wallet(alert_below=marks[wallet_id][0], alert_at_or_above=marks[wallet_id][1])
+                if Wallet(alert_below=last_charged[wallet_id][5], alert_at_or_above=last_charged[wallet_id][6])
                 .crosses_alert_mark(first_available[wallet_id], after)]
     if crossing:
         wallets = Wallet.objects.in_bulk(crossing)
