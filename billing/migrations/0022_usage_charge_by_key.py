@@ -16,7 +16,10 @@ SQL = r"""CREATE OR REPLACE FUNCTION creditdesk_usage_charge_by_key(
     OUT outcome text, OUT credits numeric, OUT available numeric, OUT ledger_after numeric,
     OUT grant_ids bigint[], OUT takes numeric[], OUT over numeric, OUT paused_reason text,
     OUT prior_status text, OUT prior_response text, OUT prior_credits numeric, OUT prior_hash_matches boolean
-) LANGUAGE plpgsql AS $fn$
+) LANGUAGE plpgsql
+-- As creditdesk_usage_charge (0020): its two look-ups planned once per session, not on every call.
+SET plan_cache_mode = force_generic_plan
+AS $fn$
 DECLARE
     v_allow_zero boolean;
 BEGIN
