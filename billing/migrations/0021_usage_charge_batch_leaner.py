@@ -53,6 +53,10 @@ DECLARE
     v_count integer := cardinality(p_event);
     v_shapes integer := cardinality(s_customer);
     s_k numeric[] := s_credits::numeric[];
+    s_q numeric[] := s_quantity::numeric[];
+    s_u numeric[] := s_unit::numeric[];
+    s_o timestamptz[] := s_occurred_at::timestamptz[];
+    s_p jsonb[] := s_properties::jsonb[];
     s_todo boolean[] := array_fill(false, ARRAY[cardinality(s_customer)]);
     s_wi integer[];
     e_skip boolean[] := array_fill(false, ARRAY[cardinality(p_event)]);
@@ -140,8 +144,8 @@ BEGIN
     IF true = ANY (w_team) AND EXISTS (
         SELECT 1 FROM generate_series(1, v_shapes) AS x(k)
           JOIN billing_teamspendinglimit t ON t.wallet_id = s_wallet[x.k]
-           AND t.team = s_properties[x.k]::jsonb ->> 'team'
-         WHERE s_todo[x.k] AND jsonb_typeof(s_properties[x.k]::jsonb -> 'team') = 'string') THEN
+           AND t.team = s_p[x.k] ->> 'team'
+         WHERE s_todo[x.k] AND jsonb_typeof(s_p[x.k] -> 'team') = 'string') THEN
         r_n := NULL;
         r_outcome := 'fallback';
         RETURN NEXT;
@@ -286,9 +290,8 @@ BEGIN
     e_id := ARRAY(SELECT nextval(v_ids) FROM generate_series(1, cardinality(e_n)) ORDER BY 1);
     INSERT INTO billing_usageevent (id, customer_id, wallet_id, feature_id, event_id, quantity, occurred_at,
         properties, rate_id, credits_per_unit, credits, status, request_hash, response, reservation_id, created_at)
-    SELECT d.id, s_customer[x.s], s_wallet[x.s], s_feature[x.s], d.event_id, s_quantity[x.s]::numeric,
-           s_occurred_at[x.s]::timestamptz, s_properties[x.s]::jsonb, s_rate[x.s], s_unit[x.s]::numeric, s_k[x.s],
-           d.status, s_hash[x.s], d.response::jsonb, NULL, p_now
+    SELECT d.id, s_customer[x.s], s_wallet[x.s], s_feature[x.s], d.event_id, s_q[x.s], s_o[x.s], s_p[x.s],
+           s_rate[x.s], s_u[x.s], s_k[x.s], d.status, s_hash[x.s], d.response::jsonb, NULL, p_now
       FROM unnest(e_id, e_n, e_event, e_status, e_response) AS d(id, n, event_id, status, response)
      CROSS JOIN LATERAL (SELECT p_shape[d.n] AS s) AS x;
     INSERT INTO billing_ledgerentry (wallet_id, grant_id, type, amount, sequence, balance_after, usage_event_id,
