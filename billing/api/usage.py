@@ -351,27 +351,14 @@ _RESOLVE_MANY_SQL = f"""
 
 
 def _resolve_many(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], Resolved | NotFound]:
-    """``resolve`` for each (customer, feature key): the same answers (a NotFound instead of
-    raising it) and the same cache, with one statement for every pair the cache lacks."""
-    clock = time.monotonic()
-    rows: dict[tuple[str, str], tuple | None] = {}
-    missing = []
-    for pair in pairs:
-        cached = _resolved.get(pair)
-        if cached is not None and cached[0] > clock:
-            rows[pair] = cached[1]
-        else:
-            rows[pair] = None
-            missing.append(pair)
-    if missing:
-        for row in prepared.fetch(_RESOLVE_MANY_SQL, ([c for c, _ in missing], [f for _, f in missing]),
+    """``resolve``'s answer for each (customer, feature key) (a NotFound instead of raising
+    it), read fresh in one statement for them all: a batch sees a feature deactivated or a
+    default wallet moved as its first event would (no cached resolution)."""
+    rows: dict[tuple[str, str], tuple | None] = dict.fromkeys(pairs)
+    if pairs:
+        for row in prepared.fetch(_RESOLVE_MANY_SQL, ([c for c, _ in pairs], [f for _, f in pairs]),
                                   all_rows=True):
-            pair, row = (row[0], row[1]), row[2:]
-            rows[pair] = row
-            if row[6] is not None:
-                if len(_resolved) >= _RESOLVE_CACHE_MAX:
-                    _resolved.clear()
-                _resolved[pair] = (clock + RESOLVE_CACHE_SECONDS, row)
+            rows[(row[0], row[1])] = row[2:]
     customers: dict[int, Customer] = {}
     features: dict[int, Feature] = {}
     found: dict[tuple[str, str], Resolved | NotFound] = {}

@@ -212,3 +212,21 @@ def test_batch_api_answers_as_the_per_event_path(monkeypatch):
             transaction.savepoint_rollback(savepoint)
         assert answers[1][0] == answers[0][0], f"batch {index}: answers differ"
         assert answers[1][1] == answers[0][1], f"batch {index}: stored rows differ"
+
+
+@pytest.mark.django_db
+def test_a_batch_sees_a_feature_deactivated_and_a_default_wallet_moved_at_once():
+    customer = make_customer("bp-fresh")
+    grant(default_wallet(customer), Decimal("10"))
+    feature = make_feature("bp-fresh-call", "1")
+
+    def batch(event_id):
+        return charge_batch({"events": [{"customer": "bp-fresh", "feature": "bp-fresh-call", "quantity": "1",
+                                         "event_id": event_id}]})[1]["results"][0]
+
+    assert batch("a")["status"] == "charged"
+    Feature.objects.filter(pk=feature.pk).update(active=False)  # no signal: no cache is told
+    assert batch("b")["error"]["details"] == {"feature": "not found"}
+    Feature.objects.filter(pk=feature.pk).update(active=True)
+    Wallet.objects.filter(customer=customer).update(is_default=False)
+    assert batch("c")["error"]["details"] == {"customer": "not found"}
