@@ -23,6 +23,10 @@ EXTRA_CONF = {
     "max_connections": "300",
     "shared_buffers": "256MB",
     "synchronous_commit": "on",
+    # Fewer checkpoints under a write-heavy ledger (and a test suite that creates databases):
+    # each one makes the next write of every page log a full image of it.
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
 }
 
 
