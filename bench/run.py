@@ -9,13 +9,14 @@ What it does, in one run, on this machine:
    project uses (the embedded one unless ``DATABASE_URL`` is set), migrates it
    and seeds it: one feature at 1 credit per unit, 1,000 customers with one
    block wallet and one prepaid grant each, and one "hot" customer;
-2. creates an API key and starts gunicorn (``config.wsgi``, gthread workers,
-   keep-alive) on a free loopback port;
+2. creates an API key and starts gunicorn (``config.wsgi``, 10 event-loop workers,
+   ``config.gunicorn_worker.LoopWorker``, keep-alive) on a free loopback port;
 3. for each scenario, measures the raw-SQL limit with pgbench (the scripts in
    ``bench/pgbench/``: the minimal SQL of the same work, same client count,
    prepared statements), then the API with the same number of closed-loop
    keep-alive clients (``bench/load.py``), after a short warm-up;
-4. checks the books afterwards (every charged event has its ledger entries,
+4. prints gunicorn's and PostgreSQL's CPU per request beside pgbench's, then
+   checks the books afterwards (every charged event has its ledger entries,
    each wallet's balance equals the sum of its entries), prints the table and
    writes ``bench/results/latest.md``; gunicorn is stopped however the run ends.
 
