@@ -1,5 +1,7 @@
 """/api/v1/ routes, exactly as API.md names them (no trailing slashes)."""
 
+import threading
+
 from django.urls import path, re_path, register_converter
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
@@ -50,8 +52,17 @@ register_converter(RowIdConverter, "rowid")
 
 
 class PublicSchemaView(SpectacularAPIView):
+    """The OpenAPI schema, one generation at a time per process: drf-spectacular loads its
+    extensions lazily on the first generation, rewriting class attributes as it goes, and two
+    threads generating at once (the web server's pool) can see a half-loaded one (a 500)."""
+
     authentication_classes: list = []
     permission_classes: list = []
+    _generating = threading.Lock()
+
+    def get(self, request, *args, **kwargs):
+        with self._generating:
+            return super().get(request, *args, **kwargs)
 
 
 class PublicDocsView(SpectacularSwaggerView):

@@ -112,3 +112,38 @@ def test_schema_states_the_limits_the_api_enforces():
     batch = schema["paths"]["/api/v1/usage/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     events = schema["components"]["schemas"][batch["$ref"].rsplit("/", 1)[1]]["properties"]["events"]
     assert (events["minItems"], events["maxItems"]) == (1, 1000)  # [] and 1,001 events are a 400
+
+
+_FIRST_SCHEMAS_AT_ONCE = """
+import threading, django
+django.setup()
+from django.test import Client
+barrier, statuses = threading.Barrier(6), []
+def fetch():
+    barrier.wait()
+    statuses.append(Client().get("/api/v1/schema/").status_code)
+threads = [threading.Thread(target=fetch) for _ in range(6)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(sorted(statuses))
+"""
+
+
+def test_the_first_schema_requests_of_a_process_at_once_all_succeed():
+    """drf-spectacular loads its extensions lazily on the first generation; six threads of a
+    fresh process asking at once (a web worker's pool) all get the schema (a race gave a 500)."""
+    import os
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    url = f"postgresql://{db['USER']}:{db['PASSWORD']}@{db['HOST'] or ''}:{db['PORT'] or ''}/{db['NAME']}"
+    if db["HOST"].startswith("/"):
+        url = f"postgresql://{db['USER']}:{db['PASSWORD']}@/{db['NAME']}?host={db['HOST']}"
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="config.settings", DATABASE_URL=url, LOG_LEVEL="CRITICAL")
+    done = subprocess.run([sys.executable, "-c", _FIRST_SCHEMAS_AT_ONCE], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=settings.BASE_DIR)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == str([200] * 6), done.stdout[-500:]
