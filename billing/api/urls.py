@@ -60,9 +60,9 @@ class PublicSchemaView(SpectacularAPIView):
     permission_classes: list = []
     _generating = threading.Lock()
 
-    def get(self, request, *args, **kwargs):
+    def _get_schema_response(self, request):  # (drf-spectacular's; ``get`` keeps its schema decoration)
         with self._generating:
-            return super().get(request, *args, **kwargs)
+            return super()._get_schema_response(request)
 
 
 class PublicDocsView(SpectacularSwaggerView):
