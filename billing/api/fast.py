@@ -63,20 +63,21 @@ def plain_request(request) -> bool:
     return not request.META.get("QUERY_STRING") and request.META.get("HTTP_ACCEPT", "") in _JSON_ACCEPTS
 
 
-def json_body(request: HttpRequest):
+def json_body(meta: dict, plain_json: bool, read: Callable[[int], bytes]):
     """The parsed JSON body, or FALLBACK when DRF's parser should see it (other media
-    type or charset, empty, too large to read here, malformed)."""
-    if request.content_type != "application/json" or request.content_params:
+    type or charset — ``plain_json`` false —, empty, too large to read here, malformed).
+    ``read(length)`` gives the body's bytes."""
+    if not plain_json:
         return FALLBACK
     try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
+        length = int(meta.get("CONTENT_LENGTH") or 0)
     except ValueError:
         return FALLBACK
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     if length <= 0 or (limit is not None and length > limit):
         return FALLBACK
     try:
-        return decode_json(request.body, "utf-8")
+        return decode_json(read(length), "utf-8")
     except ValueError:
         return FALLBACK
 
@@ -109,21 +110,30 @@ class HotRoute:
     with_body: bool
     allow: str
 
+    def decide(self, request, kwargs: dict, plain_json: bool,
+               read: Callable[[int], bytes]) -> tuple[int, dict] | None:
+        """(status, body) for an ordinary request — key, body, rate limit, then the handler
+        or its ``BillingError`` envelope — or None when the DRF view must answer. ``request``:
+        anything with the request's ``META``; ``plain_json``: the body's media type is plain
+        ``application/json``; ``read(length)``: the body's bytes."""
+        key = verified_key(request, self.scopes)
+        if key is None:
+            return None
+        body = json_body(request.META, plain_json, read) if self.with_body else None
+        if body is FALLBACK or throttled(request, key):
+            return None
+        try:
+            return self.handle(body, **kwargs) if self.with_body else self.handle(**kwargs)
+        except BillingError as exc:
+            return exc.http_status, envelope(exc.code, exc.message, exc.details)
+
     def answer(self, request: HttpRequest, kwargs: dict) -> HttpResponse | None:
         """The answer to an ordinary request, or None when the DRF view must answer."""
         if request.method != self.method or not plain_request(request):
             return None
-        key = verified_key(request, self.scopes)
-        if key is None:
-            return None
-        body = json_body(request) if self.with_body else None
-        if body is FALLBACK or throttled(request, key):
-            return None
-        try:
-            status, answer = self.handle(body, **kwargs) if self.with_body else self.handle(**kwargs)
-        except BillingError as exc:
-            status, answer = exc.http_status, envelope(exc.code, exc.message, exc.details)
-        return render(answer, status, self.allow)
+        decided = self.decide(request, kwargs, request.content_type == "application/json"
+                              and not request.content_params, lambda length: request.body)
+        return None if decided is None else render(decided[1], decided[0], self.allow)
 
 
 def hot_route(drf_view: Callable, allow: str, method: str, scopes: tuple[str, ...],
@@ -157,11 +167,10 @@ class _Meta:
     """The ``META`` of a request not wrapped in a ``WSGIRequest``: what ``verified_key``,
     ``plain_request`` and the rate throttle read."""
 
-    __slots__ = ("META", "auth")
+    __slots__ = ("META",)
 
     def __init__(self, environ: dict):
         self.META = environ
-        self.auth = None
 
 
 # (X-Forwarded-Host, Host, SERVER_NAME, SERVER_PORT) -> whether Django's get_host() accepts it.
@@ -338,32 +347,11 @@ class HotRoutesApplication:
     def _answer(self, route: HotRoute, environ: dict, kwargs: dict) -> tuple[int, bytes] | None:
         """(status, body bytes) for an ordinary request, or None when Django must answer
         (the request's body, if read, is put back for it)."""
-        meta = _Meta(environ)
-        key = verified_key(meta, route.scopes)
-        if key is None:
-            return None
-        body = None
-        if route.with_body:
-            if environ.get("CONTENT_TYPE") != "application/json":
-                return None
-            try:
-                length = int(environ.get("CONTENT_LENGTH") or 0)
-            except ValueError:
-                return None
-            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-            if length <= 0 or (limit is not None and length > limit):
-                return None
+
+        def read(length: int) -> bytes:
             raw = environ["wsgi.input"].read(length)
             environ["wsgi.input"] = io.BytesIO(raw)  # for Django, should it answer after all
-            try:
-                body = decode_json(raw, "utf-8")
-            except ValueError:
-                return None
-        meta.auth = key
-        if throttled(meta, key):
-            return None
-        try:
-            status, answer = route.handle(body, **kwargs) if route.with_body else route.handle(**kwargs)
-        except BillingError as exc:
-            status, answer = exc.http_status, envelope(exc.code, exc.message, exc.details)
-        return status, render_bytes(answer)
+            return raw
+
+        decided = route.decide(_Meta(environ), kwargs, environ.get("CONTENT_TYPE") == "application/json", read)
+        return None if decided is None else (decided[0], render_bytes(decided[1]))
